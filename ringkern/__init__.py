@@ -1,0 +1,10 @@
+"""ringkern: train and serve Ring-flash-2.0 sparse MoE reasoning models, with IcePop RL.
+
+``RingConfig`` and ``RingFlashModel`` are the model; :mod:`ringkern.ops` holds the kernels (CUDA) and their
+pure-PyTorch references (CPU); :mod:`ringkern.checkpoint` reads and writes the published format.
+"""
+from .config import PRESETS, RingConfig
+from .model import RingFlashModel, RingOutput, update_expert_biases
+
+__version__ = "0.1.0"
+__all__ = ["PRESETS", "RingConfig", "RingFlashModel", "RingOutput", "update_expert_biases", "__version__"]

@@ -1,0 +1,344 @@
+"""RingFlashModel: the Ring-flash-2.0 / Ling 2.0 ("BailingMoeV2") architecture in PyTorch.
+
+Module names follow the published checkpoints, so ``state_dict()`` keys are the published tensor names,
+except the routed experts, which are stacked per layer for grouped GEMMs (``experts.gate_up_proj``
+[E, 2I, H] with gate rows first, ``experts.down_proj`` [E, H, I]); :mod:`ringkern.checkpoint` maps them.
+
+Shape legend: B batch, T tokens per sequence, N = B*T, H hidden, D head dim, V vocabulary,
+E routed experts, k experts per token, I expert intermediate size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import ops
+from .config import RingConfig
+
+IGNORE_INDEX = -100
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.rms_norm(x, self.weight, self.eps)
+
+
+class Attention(nn.Module):
+    """Fused-QKV GQA with per-head q/k RMSNorm before partial NeoX RoPE."""
+
+    def __init__(self, cfg: RingConfig):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        qkv_out = (self.n_heads + 2 * self.n_kv) * self.head_dim
+        self.query_key_value = nn.Linear(cfg.hidden_size, qkv_out, bias=False)
+        self.query_layernorm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.key_layernorm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.dense = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+        B, T, _ = x.shape
+        qkv = self.query_key_value(x)  # [B, T, (Hq + 2 Hkv) D]
+        q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
+                             self.n_kv * self.head_dim], dim=-1)
+        q = self.query_layernorm(q.reshape(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, Hq, T, D]
+        k = self.key_layernorm(k.reshape(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # [B, Hkv, T, D]
+        v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = ops.apply_partial_rope(q, cos, sin), ops.apply_partial_rope(k, cos, sin)
+        out = ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)  # [B, Hq, T, D]
+        return self.dense(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+
+class DenseMLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    """fp32 sigmoid router; ``expert_bias`` is a buffer that only chooses experts and stays fp32."""
+
+    def __init__(self, cfg: RingConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None):
+        """x [N, H] -> (weights [N, k] fp32, expert_ids [N, k] int32, tokens_per_expert [E] int32)."""
+        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        cfg = self.cfg
+        return ops.moe_route(logits, self.expert_bias, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                             top_k=cfg.num_experts_per_tok, routed_scaling_factor=cfg.routed_scaling_factor,
+                             renormalize=cfg.norm_topk_prob, expert_ids=expert_ids)
+
+    def _apply(self, fn, recurse=True):
+        # Casting the model (to bf16, say) must not round the bias: move it, keep it fp32.
+        bias = self._buffers.pop("expert_bias")
+        super()._apply(fn, recurse)
+        moved = fn(bias)
+        if moved.dtype != torch.float32:
+            moved = bias.to(device=moved.device, dtype=torch.float32)
+        self._buffers["expert_bias"] = moved
+        return self
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts stored stacked: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+
+    def __init__(self, cfg: RingConfig):
+        super().__init__()
+        E, H, I = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
+        self.down_proj = nn.Parameter(torch.empty(E, H, I))
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
+        return ops.moe_experts(x, weights, expert_ids, self.gate_up_proj, self.down_proj)
+
+
+@dataclass
+class Routing:
+    expert_ids: torch.Tensor  # [N, k] int32
+    tokens_per_expert: torch.Tensor  # [E] int32
+
+
+class MoEBlock(nn.Module):
+    """y = sum_k w_k expert_k(x) + shared_expert(x)."""
+
+    def __init__(self, cfg: RingConfig):
+        super().__init__()
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg)
+        shared = cfg.moe_intermediate_size * cfg.num_shared_experts
+        self.shared_experts = DenseMLP(cfg.hidden_size, shared) if shared else None
+
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+        B, T, H = x.shape
+        flat = x.reshape(B * T, H)
+        replay = None if expert_ids is None else expert_ids.reshape(B * T, -1)
+        weights, ids, counts = self.gate(flat, replay)
+        y = self.experts(flat, weights, ids)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(B, T, H), Routing(ids.view(B, T, -1), counts)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: RingConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.attention = Attention(cfg)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.is_moe = cfg.is_moe_layer(layer_idx)
+        self.mlp = MoEBlock(cfg) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, key_padding_mask, expert_ids=None) -> tuple[torch.Tensor, Routing | None]:
+        x = x + self.attention(self.input_layernorm(x), cos, sin, key_padding_mask)
+        h = self.post_attention_layernorm(x)
+        if not self.is_moe:
+            return x + self.mlp(h), None
+        y, routing = self.mlp(h, expert_ids)
+        return x + y, routing
+
+
+class MTPLayer(DecoderLayer):
+    """Multi-token prediction: eh_proj(cat[enorm(emb(next ids)), hnorm(h)]) then a full MoE decoder block."""
+
+    def __init__(self, cfg: RingConfig, layer_idx: int):
+        super().__init__(cfg, layer_idx)
+        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, h, next_embeds, cos, sin, key_padding_mask, expert_ids=None):
+        """h: previous depth's normed hidden [B, T, H]; returns (normed MTP hidden [B, T, H], routing)."""
+        z = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(h)], dim=-1))
+        z, routing = super().forward(z, cos, sin, key_padding_mask, expert_ids)
+        return self.final_layernorm(z), routing
+
+
+class RingModel(nn.Module):
+    def __init__(self, cfg: RingConfig):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        L = cfg.num_hidden_layers
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(L)] +
+                                    [MTPLayer(cfg, L + d) for d in range(cfg.num_nextn_predict_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+
+@dataclass
+class RingOutput:
+    hidden_states: torch.Tensor  # [B, T, H] after model.norm: logits = lm_head(hidden_states)
+    logits: torch.Tensor | None  # [B, T, V], None with compute_logits=False
+    mtp_hidden_states: list[torch.Tensor] = field(default_factory=list)  # one [B, T, H] per MTP depth
+    mtp_logits: list[torch.Tensor] = field(default_factory=list)  # one [B, T, V] per depth; depth d predicts t+1+d
+    expert_ids: dict[int, torch.Tensor] = field(default_factory=dict)  # layer index -> [B, T, k] int32
+    tokens_per_expert: dict[int, torch.Tensor] = field(default_factory=dict)  # layer index -> [E] int32
+
+
+class RingFlashModel(nn.Module):
+    """Causal LM with optional MTP heads. ``forward`` returns a :class:`RingOutput`."""
+
+    def __init__(self, config: RingConfig):
+        super().__init__()
+        self.config = config
+        self.model = RingModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if not any(p.is_meta for p in self.parameters()):
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Normal(0, initializer_range) weights, unit norms, zero expert biases (seed with torch.manual_seed)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                p.fill_(1.0)
+            else:
+                p.normal_(0.0, self.config.initializer_range)
+        for name, b in self.named_buffers():
+            if name.endswith("expert_bias"):
+                b.zero_()
+
+    # ------------------------------------------------------------------ layers
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return list(self.model.layers[: self.config.num_hidden_layers])
+
+    @property
+    def mtp_layers(self) -> list[MTPLayer]:
+        return list(self.model.layers[self.config.num_hidden_layers:])
+
+    def routers(self) -> dict[int, Router]:
+        return {i: layer.mlp.gate for i, layer in enumerate(self.model.layers) if layer.is_moe}
+
+    # ----------------------------------------------------------------- forward
+    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        inv_freq = ops.rope_inv_freq(self.config.rotary_dim, self.config.rope_theta).to(position_ids.device)
+        return ops.rope_cos_sin(position_ids, inv_freq)
+
+    def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None, expert_ids: dict[int, torch.Tensor] | None = None,
+                compute_logits: bool = True, compute_mtp: bool = True) -> RingOutput:
+        """input_ids [B, T]; attention_mask [B, T] bool/int (1 = real token), left or right padding;
+        expert_ids: layer index -> [B, T, k] to replay routing instead of choosing."""
+        B, T = input_ids.shape
+        key_padding_mask = None if attention_mask is None else attention_mask.bool()
+        if position_ids is None:
+            position_ids = (torch.arange(T, device=input_ids.device).expand(B, T) if key_padding_mask is None
+                            else (key_padding_mask.long().cumsum(-1) - 1).clamp_min(0))
+        cos, sin = self.rope(position_ids)
+        replay = expert_ids or {}
+        out = RingOutput(hidden_states=input_ids.new_empty(0), logits=None)
+
+        x = self.model.word_embeddings(input_ids)  # [B, T, H]
+        for i, layer in enumerate(self.decoder_layers):
+            x, routing = layer(x, cos, sin, key_padding_mask, replay.get(i))
+            self._record(out, i, routing)
+        h = self.model.norm(x)
+        out.hidden_states = h
+        out.logits = self.lm_head(h) if compute_logits else None
+
+        if compute_mtp:
+            for depth, layer in enumerate(self.mtp_layers, start=1):
+                idx = self.config.num_hidden_layers + depth - 1
+                h, routing = layer(h, self.model.word_embeddings(shift_left(input_ids, depth)), cos, sin,
+                                   key_padding_mask, replay.get(idx))
+                self._record(out, idx, routing)
+                out.mtp_hidden_states.append(h)
+                if compute_logits:
+                    out.mtp_logits.append(self.lm_head(h))
+        return out
+
+    @staticmethod
+    def _record(out: RingOutput, layer_idx: int, routing: Routing | None) -> None:
+        if routing is not None:
+            out.expert_ids[layer_idx] = routing.expert_ids
+            out.tokens_per_expert[layer_idx] = routing.tokens_per_expert
+
+    # -------------------------------------------------------------------- loss
+    def sft_loss(self, input_ids: torch.Tensor, labels: torch.Tensor, *,
+                 attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Next-token CE on ``labels`` (aligned with input_ids, -100 = no loss) plus
+        mtp_loss_scaling_factor x the CE of each MTP depth d on token t+1+d. Never builds [N, V] logits
+        outside the loss op."""
+        out = self.forward(input_ids, attention_mask=attention_mask, compute_logits=False)
+        parts = {"lm_loss": self._shifted_ce(out.hidden_states, labels, 1)}
+        loss = parts["lm_loss"]
+        for depth, h in enumerate(out.mtp_hidden_states, start=1):
+            parts[f"mtp_loss_{depth}"] = self._shifted_ce(h, labels, 1 + depth)
+            loss = loss + self.config.mtp_loss_scaling_factor * parts[f"mtp_loss_{depth}"]
+        parts["tokens_per_expert"] = out.tokens_per_expert
+        return loss, parts
+
+    def _shifted_ce(self, hidden: torch.Tensor, labels: torch.Tensor, shift: int) -> torch.Tensor:
+        targets = shift_left(labels, shift, fill=IGNORE_INDEX)  # position t predicts labels[t + shift]
+        return ops.linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight,
+                                        targets.reshape(-1), ignore_index=IGNORE_INDEX)
+
+    # ------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained(cls, path, dtype: torch.dtype | None = None, device=None) -> "RingFlashModel":
+        from .checkpoint import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device, model_cls=cls)
+
+    def save_pretrained(self, path, **kwargs) -> None:
+        from .checkpoint import save_pretrained
+
+        save_pretrained(self, path, **kwargs)
+
+
+def shift_left(t: torch.Tensor, n: int, fill: int = 0) -> torch.Tensor:
+    """t[:, i + n] at position i; the last n positions get ``fill``. t: [B, T]."""
+    out = torch.full_like(t, fill)
+    if n < t.shape[1]:
+        out[:, : t.shape[1] - n] = t[:, n:]
+    return out
+
+
+@torch.no_grad()
+def update_expert_biases(model: RingFlashModel, tokens_per_expert: dict[int, torch.Tensor],
+                         rate: float = 1e-3) -> dict[str, float]:
+    """Aux-loss-free balancing after an optimizer step; returns load metrics over the MoE layers.
+
+    tokens_per_expert: layer index -> [E] counts summed over the step (RingOutput.tokens_per_expert).
+    Metrics: max_load_ratio (busiest expert over the mean, worst layer), mean_max_violation
+    ((max - mean) / mean averaged over layers), dead_expert_frac (experts that got no token).
+    """
+    routers = model.routers()
+    ratios, dead = [], []
+    for idx, counts in tokens_per_expert.items():
+        load = counts.float()
+        ops.expert_bias_update(routers[idx].expert_bias, load, rate)
+        mean = load.mean().clamp_min(1e-9)
+        ratios.append((load.max() / mean).item())
+        dead.append((load == 0).float().mean().item())
+    if not ratios:
+        return {}
+    return {"max_load_ratio": max(ratios), "mean_max_violation": sum(r - 1 for r in ratios) / len(ratios),
+            "dead_expert_frac": sum(dead) / len(dead)}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+__all__ = ["RingFlashModel", "RingOutput", "update_expert_biases", "count_parameters", "shift_left",
+           "IGNORE_INDEX"]
