@@ -6,11 +6,12 @@ generation prompt is ``<role>ASSISTANT</role>`` followed, with thinking on, by `
 
     <role>HUMAN</role>What is 2+3?<role>ASSISTANT</role><think>\\n
 
-and the model completes it with ``...\\n</think>\\n\\nThe answer is 5.<|endoftext|>``. This is the
-published Ring/Ling chat template (``<role>`` + ROLE + ``</role>`` + content, user -> HUMAN, no
-separators). Ling 2.0 *instruct* templates additionally put ``<|role_end|>`` after every turn and a
-``detailed thinking on|off`` SYSTEM line first; the tokenizer keeps ``<|role_end|>`` as a single id
-(``role_end_token_id``) so such prompts encode, but the Ring format used here follows SPEC.md.
+and the model completes it with ``...\\n</think>\\n\\nThe answer is 5.<|endoftext|>``. This follows SPEC.md
+and the chat template published with the earlier Ling/Ring checkpoints (``<role>`` + ROLE + ``</role>``
++ content, user -> HUMAN, no separators, generation prompt ``<role>ASSISTANT</role>``). Ring-flash-2.0's
+own tokenizer_config.json could not be consulted here; note that the Ling 2.0 *instruct* templates also
+put ``<|role_end|>`` after every turn and a ``detailed thinking on|off`` SYSTEM line first. The
+tokenizer keeps ``<|role_end|>`` as a single id (``role_end_token_id``) so such prompts still encode.
 
 The ``tiny`` preset's tokenizer (vocabulary 512) is a byte-level BPE trained on a fixed generated
 corpus of arithmetic word problems with worked reasoning; it ships as package data
