@@ -10,7 +10,7 @@ import torch
 def cmd_info(_: argparse.Namespace) -> int:
     from . import __version__, _C
 
-    ops = sorted(name for name in dir(torch.ops.ringkern) if not name.startswith("_") and name not in ("name",))
+    ops = sorted(s.name.split("::")[1] for s in torch._C._jit_get_all_schemas() if s.name.startswith("ringkern::"))
     print(f"ringkern {__version__}")
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}); CUDA device: "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")

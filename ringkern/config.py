@@ -95,6 +95,10 @@ class RingConfig:
         need(self.num_nextn_predict_layers >= 0, "num_nextn_predict_layers", ">= 0")
         need(self.rms_norm_eps > 0, "rms_norm_eps", "> 0")
         need(self.rope_theta > 0, "rope_theta", "> 0")
+        scaling = self.rope_scaling or {}
+        need(scaling.get("rope_type", scaling.get("type", "default")) in ("default", "yarn")
+             and (not scaling or "factor" in scaling or scaling.get("type") == "default"),
+             "rope_scaling", "None or {'type': 'yarn', 'factor': ..., 'original_max_position_embeddings': ...}")
 
     # ---------------------------------------------------------- derived sizes
     @property

@@ -39,8 +39,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         qkv_out = (self.n_heads + 2 * self.n_kv) * self.head_dim
         self.query_key_value = nn.Linear(cfg.hidden_size, qkv_out, bias=False)
-        self.query_layernorm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.key_layernorm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        if cfg.use_qk_norm:
+            self.query_layernorm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.key_layernorm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        self.use_qk_norm = cfg.use_qk_norm
         self.dense = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -49,8 +51,11 @@ class Attention(nn.Module):
         qkv = self.query_key_value(x)  # [B, T, (Hq + 2 Hkv) D]
         q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
                              self.n_kv * self.head_dim], dim=-1)
-        q = self.query_layernorm(q.reshape(B, T, self.n_heads, self.head_dim)).transpose(1, 2)  # [B, Hq, T, D]
-        k = self.key_layernorm(k.reshape(B, T, self.n_kv, self.head_dim)).transpose(1, 2)  # [B, Hkv, T, D]
+        q = q.reshape(B, T, self.n_heads, self.head_dim)
+        k = k.reshape(B, T, self.n_kv, self.head_dim)
+        if self.use_qk_norm:
+            q, k = self.query_layernorm(q), self.key_layernorm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, Hq, T, D], [B, Hkv, T, D]
         v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = ops.apply_partial_rope(q, cos, sin), ops.apply_partial_rope(k, cos, sin)
         out = ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)  # [B, Hq, T, D]
@@ -230,8 +235,12 @@ class RingFlashModel(nn.Module):
 
     # ----------------------------------------------------------------- forward
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        inv_freq = ops.rope_inv_freq(self.config.rotary_dim, self.config.rope_theta).to(position_ids.device)
-        return ops.rope_cos_sin(position_ids, inv_freq)
+        """cos/sin tables [B, T, rot] for position_ids [B, T] (YaRN-scaled when rope_scaling says so)."""
+        cfg = self.config
+        inv_freq, scale = ops.rope_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling,
+                                               cfg.max_position_embeddings)
+        cos, sin = ops.rope_cos_sin(position_ids, inv_freq.to(position_ids.device))
+        return (cos * scale, sin * scale) if scale != 1.0 else (cos, sin)
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, expert_ids: dict[int, torch.Tensor] | None = None,

@@ -11,11 +11,11 @@ import torch
 from . import _library  # noqa: F401  (registers CPU, fake and autograd kernels)
 from .reference import (AGGREGATIONS, CORRECTIONS, apply_partial_rope, attention, expert_bias_update,
                         icepop_policy_loss, linear_cross_entropy, moe_experts, moe_route, rope_cos_sin,
-                        rope_inv_freq, token_logprobs)
+                        rope_frequencies, rope_inv_freq, token_logprobs)
 
 __all__ = ["AGGREGATIONS", "CORRECTIONS", "apply_partial_rope", "attention", "expert_bias_update",
            "icepop_policy_loss", "linear_cross_entropy", "moe_experts", "moe_route", "rms_norm",
-           "rope_cos_sin", "rope_inv_freq", "token_logprobs"]
+           "rope_cos_sin", "rope_frequencies", "rope_inv_freq", "token_logprobs"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -10,23 +10,31 @@ I expert intermediate size, B sequences.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
+
+
+def _acc(t: torch.Tensor) -> torch.Tensor:
+    """Upcast to the accumulation dtype: fp32, or fp64 for fp64 inputs (so fp64 calls are exact oracles)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
 
 # --------------------------------------------------------------------------- norms
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32."""
-    xf = x.float()
+    """y = x / sqrt(mean(x^2) + eps) * weight over the last dim, computed in fp32 (or fp64)."""
+    xf = _acc(x)
     inv_rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-    return (xf * inv_rms * weight.float()).to(x.dtype)
+    return (xf * inv_rms * _acc(weight)).to(x.dtype)
 
 
 def rms_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
                       eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Gradients of ``rms_norm`` w.r.t. x and weight (fp32 math, results in the inputs' dtypes)."""
-    xf, gf, wf = x.float(), grad_out.float(), weight.float()
+    xf, gf, wf = _acc(x), _acc(grad_out), _acc(weight)
     inv_rms = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
     x_hat = xf * inv_rms
     grad_weight = (gf * x_hat).reshape(-1, x.shape[-1]).sum(0)
@@ -41,6 +49,37 @@ def rms_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Ten
 def rope_inv_freq(rotary_dim: int, theta: float) -> torch.Tensor:
     """inv_freq = 1 / theta^(arange(0, rot, 2) / rot), fp32 [rot/2]."""
     return 1.0 / theta ** (torch.arange(0, rotary_dim, 2, dtype=torch.float64) / rotary_dim).float()
+
+
+def rope_frequencies(rotary_dim: int, theta: float, rope_scaling: dict | None,
+                     max_position_embeddings: int) -> tuple[torch.Tensor, float]:
+    """(inv_freq [rot/2], attention_factor) for plain RoPE or YaRN context extension.
+
+    YaRN (``{"type": "yarn", "factor": s, "original_max_position_embeddings": L}``): dims that rotate
+    fewer than beta_slow times over L are interpolated (frequency / s), dims rotating more than beta_fast
+    times are kept, a linear ramp blends between; cos/sin are scaled by 0.1 ln(s) + 1.
+    """
+    kind = (rope_scaling or {}).get("rope_type", (rope_scaling or {}).get("type", "default"))
+    base = rope_inv_freq(rotary_dim, theta)
+    if kind == "default":
+        return base, 1.0
+    if kind != "yarn":
+        raise ValueError(f"rope_scaling={rope_scaling!r}: expected None, 'default' or 'yarn'")
+    factor = float(rope_scaling["factor"])
+    original = rope_scaling.get("original_max_position_embeddings") or max_position_embeddings
+    beta_fast, beta_slow = rope_scaling.get("beta_fast", 32), rope_scaling.get("beta_slow", 1)
+
+    def dim_of(rotations: float) -> float:  # the dim whose wavelength fits `rotations` times into L
+        return rotary_dim * math.log(original / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low = max(math.floor(dim_of(beta_fast)), 0)
+    high = min(math.ceil(dim_of(beta_slow)), rotary_dim - 1)
+    high = high + 0.001 if high == low else high
+    ramp = ((torch.arange(rotary_dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep = 1 - ramp  # 1: extrapolate (keep the frequency), 0: interpolate (divide by factor)
+    inv_freq = base / factor * (1 - keep) + base * keep
+    attention_factor = rope_scaling.get("attention_factor") or (0.1 * math.log(factor) + 1 if factor > 1 else 1.0)
+    return inv_freq, float(attention_factor)
 
 
 def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -147,8 +186,8 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
         gate, up = (rows @ gate_up_proj[e].t()).split(two_i // 2, dim=-1)
         outs.append((F.silu(gate) * up) @ down_proj[e].t())
     y_sorted = torch.cat(outs) if outs else x.new_zeros(0, H)
-    y_sorted = y_sorted.float() * weights.reshape(-1)[order].unsqueeze(-1).float()
-    y = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+    y_sorted = _acc(y_sorted) * _acc(weights.reshape(-1)[order]).unsqueeze(-1)
+    y = torch.zeros(T, H, dtype=y_sorted.dtype, device=x.device)
     y.index_add_(0, token_of_slot, y_sorted)
     return y.to(x.dtype)
 
@@ -169,7 +208,7 @@ def token_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Te
                    temperature: float = 1.0, return_entropy: bool = False
                    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """log softmax(hidden @ weight^T / temperature)[targets] in fp32 ([T]), optionally with the entropy [T]."""
-    logits = (hidden @ weight.t()).float() / temperature  # [T, V]
+    logits = _acc(hidden @ weight.t()) / temperature  # [T, V]
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(1, targets.long().unsqueeze(1)).squeeze(1)
     if not return_entropy:
@@ -223,7 +262,7 @@ def icepop_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
         raise ValueError(f"aggregation={aggregation!r}: expected one of {AGGREGATIONS}")
     logp, entropy = token_logprobs(hidden, weight, targets, temperature, return_entropy=True)
     mask = loss_mask.bool()
-    old, rollout, adv = old_logprobs.float(), rollout_logprobs.float(), advantages.float()
+    old, rollout, adv = (t.to(logp.dtype) for t in (old_logprobs, rollout_logprobs, advantages))
 
     log_k = old - rollout
     k = log_k.exp()
@@ -238,21 +277,21 @@ def icepop_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
     terms = torch.where(mask, corr * surrogate, torch.zeros_like(surrogate))
     n_tokens = mask.sum()
-    denom = n_tokens.clamp_min(1).float()
+    denom = n_tokens.clamp_min(1).to(terms.dtype)
 
     if aggregation == "token-mean":
         loss = -terms.sum() / denom
     else:
         seq_idx = _sequence_index(cu_seqlens, targets.shape[0])
         n_seq = cu_seqlens.numel() - 1
-        seq_sum = torch.zeros(n_seq, dtype=torch.float32, device=terms.device).index_add_(0, seq_idx, terms)
-        seq_cnt = torch.zeros(n_seq, dtype=torch.float32, device=terms.device).index_add_(0, seq_idx, mask.float())
+        seq_sum = terms.new_zeros(n_seq).index_add_(0, seq_idx, terms)
+        seq_cnt = terms.new_zeros(n_seq).index_add_(0, seq_idx, mask.to(terms.dtype))
         has_tokens = seq_cnt > 0
         per_seq = seq_sum / seq_cnt.clamp_min(1)
-        loss = -(per_seq * has_tokens).sum() / has_tokens.sum().clamp_min(1).float()
+        loss = -(per_seq * has_tokens).sum() / has_tokens.sum().clamp_min(1)
 
     with torch.no_grad():
-        fmask = mask.float()
+        fmask = mask.to(terms.dtype)
         clipped = ((ratio > 1 + eps_high) & (adv > 0)) | ((ratio < 1 - eps_low) & (adv < 0))
         metrics = {
             "masked_low_frac": ((k < alpha).float() * fmask).sum() / denom,
@@ -263,7 +302,7 @@ def icepop_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
             "kl_train_infer": ((k * log_k - (k - 1)) * fmask).sum() / denom,
             "clip_frac": (clipped.float() * fmask).sum() / denom,
             "entropy": (entropy.detach() * fmask).sum() / denom,
-            "num_tokens": n_tokens.float(),
+            "num_tokens": n_tokens.to(terms.dtype),
         }
     return loss, metrics
 
