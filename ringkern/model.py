@@ -4,11 +4,16 @@ Module names follow the published checkpoints, so ``state_dict()`` keys are the 
 except the routed experts, which are stacked per layer for grouped GEMMs (``experts.gate_up_proj``
 [E, 2I, H] with gate rows first, ``experts.down_proj`` [E, H, I]); :mod:`ringkern.checkpoint` maps them.
 
+Inference keeps keys and values in a preallocated :class:`KVCache` passed to ``forward``; cached steps
+use the sync-free routing and expert ops of :mod:`ringkern.ops.inference`, so a decode step can be
+captured in a CUDA graph. Without a cache, ``forward`` is the training path.
+
 Shape legend: B batch, T tokens per sequence, N = B*T, H hidden, D head dim, V vocabulary,
-E routed experts, k experts per token, I expert intermediate size.
+E routed experts, k experts per token, I expert intermediate size, R cache rows, S cache positions.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import torch
@@ -17,6 +22,7 @@ from torch import nn
 
 from . import ops
 from .config import RingConfig
+from .ops import inference as inference_ops
 
 IGNORE_INDEX = -100
 
@@ -29,6 +35,55 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return ops.rms_norm(x, self.weight, self.eps)
+
+
+@dataclass
+class KVCache:
+    """Preallocated keys and values of every decoder layer: one row per sequence, one column per position.
+
+    keys[i], values[i]: [R, Hkv, S, D] for decoder layer i. A row holds one sequence from position 0, so
+    a decode step over rows 0..B-1 reads ``keys[i][:B]`` (a view, no gather) and masks positions beyond
+    each query's own. Contiguous rows rather than pages: one engine serves fixed-size batches of
+    sequences bounded by ``S``, and a row per sequence keeps the attention a plain SDPA call on a view
+    that a CUDA graph captures as is; the price is memory for ``S`` positions per row whatever a
+    sequence's length (paging would only pay off for many sequences of very different lengths).
+    """
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @classmethod
+    def allocate(cls, config: RingConfig, rows: int, max_seq_len: int, *, dtype: torch.dtype,
+                 device: torch.device | str | None = None) -> "KVCache":
+        shape = (rows, config.num_key_value_heads, max_seq_len, config.head_dim)
+        make = functools.partial(torch.zeros, shape, dtype=dtype, device=device)
+        L = config.num_hidden_layers
+        return cls([make() for _ in range(L)], [make() for _ in range(L)])
+
+    @property
+    def max_seq_len(self) -> int:
+        return self.keys[0].shape[2]
+
+    def copy_row(self, src: int, dst: int, length: int) -> None:
+        """Copy positions [0, length) of row ``src`` into row ``dst`` in every layer."""
+        for cache in (*self.keys, *self.values):
+            cache[dst, :, :length] = cache[src, :, :length]
+
+
+@dataclass
+class LayerKV:
+    """One decoder layer's part of a :class:`KVCache` for one forward call.
+
+    rows None (decode): the call's B sequences are cache rows 0..B-1 and continue at ``positions``;
+    their new keys/values are written there and queries attend to the cached positions <= their own
+    (``mask``, made once per forward for all layers). rows [B] (prefill): the call's tokens are the first
+    T of each sequence (right padding allowed); they attend among themselves and their keys/values are
+    written to positions [0, T) of ``rows``.
+    """
+    keys: torch.Tensor  # [R, Hkv, S, D]
+    values: torch.Tensor  # [R, Hkv, S, D]
+    positions: torch.Tensor  # [B, T]
+    rows: torch.Tensor | None
+    mask: torch.Tensor | None  # decode: [B, 1, G T, S] bool, see ops.inference.cache_attention_mask
 
 
 class Attention(nn.Module):
@@ -46,7 +101,7 @@ class Attention(nn.Module):
         self.dense = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                key_padding_mask: torch.Tensor | None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None, kv: LayerKV | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.query_key_value(x)  # [B, T, (Hq + 2 Hkv) D]
         q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
@@ -58,8 +113,23 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, Hq, T, D], [B, Hkv, T, D]
         v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = ops.apply_partial_rope(q, cos, sin), ops.apply_partial_rope(k, cos, sin)
-        out = ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)  # [B, Hq, T, D]
+        if kv is not None and kv.rows is None:
+            out = self._decode_attention(q, k, v, kv)
+        else:
+            if kv is not None:
+                kv.keys[kv.rows, :, :T] = k
+                kv.values[kv.rows, :, :T] = v
+            out = ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)  # [B, Hq, T, D]
         return self.dense(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+
+    @staticmethod
+    def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV) -> torch.Tensor:
+        """Write k, v [B, Hkv, T, D] at their positions of cache rows 0..B-1, then attend over those rows."""
+        B, T = kv.positions.shape
+        rows = torch.arange(B, device=q.device).unsqueeze(1).expand(B, T)  # [B, T]
+        kv.keys[rows, :, kv.positions] = k.transpose(1, 2)  # indexed view: [B, T, Hkv, D]
+        kv.values[rows, :, kv.positions] = v.transpose(1, 2)
+        return inference_ops.cached_attention(q, kv.keys[:B], kv.values[:B], kv.mask)  # [B, Hq, T, D]
 
 
 class DenseMLP(nn.Module):
@@ -84,13 +154,14 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None, sync_free: bool = False):
         """x [N, H] -> (weights [N, k] fp32, expert_ids [N, k] int32, tokens_per_expert [E] int32)."""
         logits = F.linear(x.float(), self.weight.float())  # [N, E]
         cfg = self.cfg
-        return ops.moe_route(logits, self.expert_bias, n_group=cfg.n_group, topk_group=cfg.topk_group,
-                             top_k=cfg.num_experts_per_tok, routed_scaling_factor=cfg.routed_scaling_factor,
-                             renormalize=cfg.norm_topk_prob, expert_ids=expert_ids)
+        route = inference_ops.moe_route if sync_free else ops.moe_route
+        return route(logits, self.expert_bias, n_group=cfg.n_group, topk_group=cfg.topk_group,
+                     top_k=cfg.num_experts_per_tok, routed_scaling_factor=cfg.routed_scaling_factor,
+                     renormalize=cfg.norm_topk_prob, expert_ids=expert_ids)
 
     def _apply(self, fn, recurse=True):
         # Casting the model (to bf16, say) must not round the bias: move it, keep it fp32.
@@ -112,8 +183,10 @@ class RoutedExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(E, 2 * I, H))
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
-    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor) -> torch.Tensor:
-        return ops.moe_experts(x, weights, expert_ids, self.gate_up_proj, self.down_proj)
+    def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                sync_free: bool = False) -> torch.Tensor:
+        experts = inference_ops.moe_experts if sync_free else ops.moe_experts
+        return experts(x, weights, expert_ids, self.gate_up_proj, self.down_proj)
 
 
 @dataclass
@@ -123,7 +196,7 @@ class Routing:
 
 
 class MoEBlock(nn.Module):
-    """y = sum_k w_k expert_k(x) + shared_expert(x)."""
+    """y = sum_k w_k expert_k(x) + shared_expert(x). ``sync_free``: the capturable ops (cached inference)."""
 
     def __init__(self, cfg: RingConfig):
         super().__init__()
@@ -132,12 +205,13 @@ class MoEBlock(nn.Module):
         shared = cfg.moe_intermediate_size * cfg.num_shared_experts
         self.shared_experts = DenseMLP(cfg.hidden_size, shared) if shared else None
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None,
+                sync_free: bool = False) -> tuple[torch.Tensor, Routing]:
         B, T, H = x.shape
         flat = x.reshape(B * T, H)
         replay = None if expert_ids is None else expert_ids.reshape(B * T, -1)
-        weights, ids, counts = self.gate(flat, replay)
-        y = self.experts(flat, weights, ids)
+        weights, ids, counts = self.gate(flat, replay, sync_free)
+        y = self.experts(flat, weights, ids, sync_free)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)
         return y.view(B, T, H), Routing(ids.view(B, T, -1), counts)
@@ -152,12 +226,13 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = MoEBlock(cfg) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, key_padding_mask, expert_ids=None) -> tuple[torch.Tensor, Routing | None]:
-        x = x + self.attention(self.input_layernorm(x), cos, sin, key_padding_mask)
+    def forward(self, x, cos, sin, key_padding_mask, expert_ids=None,
+                kv: LayerKV | None = None) -> tuple[torch.Tensor, Routing | None]:
+        x = x + self.attention(self.input_layernorm(x), cos, sin, key_padding_mask, kv)
         h = self.post_attention_layernorm(x)
         if not self.is_moe:
             return x + self.mlp(h), None
-        y, routing = self.mlp(h, expert_ids)
+        y, routing = self.mlp(h, expert_ids, sync_free=kv is not None)
         return x + y, routing
 
 
@@ -206,6 +281,7 @@ class RingFlashModel(nn.Module):
         self.config = config
         self.model = RingModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self._rope_tables: dict[torch.device, tuple[torch.Tensor, float]] = {}
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -236,18 +312,37 @@ class RingFlashModel(nn.Module):
     # ----------------------------------------------------------------- forward
     def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin tables [B, T, rot] for position_ids [B, T] (YaRN-scaled when rope_scaling says so)."""
-        cfg = self.config
-        inv_freq, scale = ops.rope_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling,
-                                               cfg.max_position_embeddings)
-        cos, sin = ops.rope_cos_sin(position_ids, inv_freq.to(position_ids.device))
+        inv_freq, scale = self._rope_frequencies(position_ids.device)
+        cos, sin = ops.rope_cos_sin(position_ids, inv_freq)
         return (cos * scale, sin * scale) if scale != 1.0 else (cos, sin)
+
+    def _rope_frequencies(self, device: torch.device) -> tuple[torch.Tensor, float]:
+        """(inv_freq on ``device``, attention scale), made once per device: a decode step under CUDA-graph
+        capture must not copy from the host."""
+        if device not in self._rope_tables:
+            cfg = self.config
+            inv_freq, scale = ops.rope_frequencies(cfg.rotary_dim, cfg.rope_theta, cfg.rope_scaling,
+                                                   cfg.max_position_embeddings)
+            self._rope_tables[device] = (inv_freq.to(device), scale)
+        return self._rope_tables[device]
 
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, expert_ids: dict[int, torch.Tensor] | None = None,
-                compute_logits: bool = True, compute_mtp: bool = True) -> RingOutput:
+                compute_logits: bool = True, compute_mtp: bool = True, kv_cache: KVCache | None = None,
+                cache_rows: torch.Tensor | None = None) -> RingOutput:
         """input_ids [B, T]; attention_mask [B, T] bool/int (1 = real token), left or right padding;
-        expert_ids: layer index -> [B, T, k] to replay routing instead of choosing."""
+        expert_ids: layer index -> [B, T, k] to replay routing instead of choosing.
+
+        kv_cache: read and write keys/values there (see :class:`LayerKV` for the two modes). With
+        ``cache_rows`` [B] (prefill) the tokens start their sequences and go to those rows; without it
+        (decode) the B sequences are rows 0..B-1 and ``position_ids`` [B, T] is required. The MTP layers
+        have no cache: pass compute_mtp=False.
+        """
         B, T = input_ids.shape
+        if kv_cache is not None and position_ids is None and cache_rows is None:
+            raise ValueError("forward(kv_cache=...) without cache_rows (decode): position_ids [B, T] is required")
+        if kv_cache is not None and compute_mtp and self.mtp_layers:
+            raise ValueError("forward(kv_cache=...): the MTP layers have no cache; pass compute_mtp=False")
         key_padding_mask = None if attention_mask is None else attention_mask.bool()
         if position_ids is None:
             position_ids = (torch.arange(T, device=input_ids.device).expand(B, T) if key_padding_mask is None
@@ -256,9 +351,16 @@ class RingFlashModel(nn.Module):
         replay = expert_ids or {}
         out = RingOutput(hidden_states=input_ids.new_empty(0), logits=None)
 
+        decode_mask = None
+        if kv_cache is not None and cache_rows is None:
+            groups = self.config.num_attention_heads // self.config.num_key_value_heads
+            decode_mask = inference_ops.cache_attention_mask(position_ids, kv_cache.max_seq_len, groups)
+
         x = self.model.word_embeddings(input_ids)  # [B, T, H]
         for i, layer in enumerate(self.decoder_layers):
-            x, routing = layer(x, cos, sin, key_padding_mask, replay.get(i))
+            kv = None if kv_cache is None else LayerKV(kv_cache.keys[i], kv_cache.values[i], position_ids,
+                                                       cache_rows, decode_mask)
+            x, routing = layer(x, cos, sin, key_padding_mask, replay.get(i), kv)
             self._record(out, i, routing)
         h = self.model.norm(x)
         out.hidden_states = h
@@ -349,5 +451,5 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-__all__ = ["RingFlashModel", "RingOutput", "update_expert_biases", "count_parameters", "shift_left",
-           "IGNORE_INDEX"]
+__all__ = ["KVCache", "LayerKV", "RingFlashModel", "RingOutput", "update_expert_biases", "count_parameters",
+           "shift_left", "IGNORE_INDEX"]

@@ -1,0 +1,435 @@
+"""Engine: batched generation with a KV cache, continuous batching and CUDA graphs; the RL rollout engine.
+
+``Engine(model).generate(prompts, SamplingParams(...))`` returns one :class:`Completion` per sample, in
+prompt-major order; ``Engine.stream`` yields ``(completion_index, token_id, logprob)`` as tokens come.
+
+How a call runs:
+
+- Every sequence owns one row of a preallocated :class:`ringkern.model.KVCache` (see its docstring for
+  why contiguous rows). The active sequences always occupy rows 0..n-1, so a decode step runs on a
+  view of the first rows; when one finishes, the last active sequence moves into its row.
+- Prefill: waiting prompts join as soon as rows are free (continuous batching: the running sequences
+  keep decoding, nothing drains). Joining prompts are right-padded into one batch; a prompt with n
+  samples is prefilled once and its keys/values copied to the other n-1 rows.
+- Decode: one token per active sequence per step. On CUDA the step (model and lm_head, fp32 logits)
+  is captured once per batch size bucket (1, 2, 4, ... max_batch; a step with n active sequences runs
+  the smallest bucket >= n, the spare rows compute on a dummy token) into a CUDA graph replayed with
+  static input buffers. The step has no host syncs: cache writes are index_put, attention is SDPA
+  with a position mask, and the MoE layers use the sync-free ops of :mod:`ringkern.ops.inference`.
+- Sampling runs eagerly after the step: the sampler branches on the host-known parameters (no sort
+  at all for plain temperature sampling) without a graph per combination, and it is a handful of
+  kernels against the dozens per layer the graph saves. One host sync per step reads the tokens back
+  for stop checks and streaming.
+
+Sampling: logits / temperature, then top-k, then top-p (nucleus, over the top-k survivors), then min-p
+(drop tokens below min_p times the top probability), then a Gumbel-max draw. The Gumbel noise of the
+token drawn at generated index g of completion c is a fixed hash of (seed, c, g, vocabulary index), so a
+seeded call is reproducible and each sample is independent of how it was batched. ``logprobs`` are
+the fp32 log-probabilities of the drawn tokens under that filtered distribution (temperature 0: greedy,
+log-probabilities under the untempered distribution): pi_infer for IcePop.
+"""
+from __future__ import annotations
+
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+import torch
+
+from .model import KVCache, RingFlashModel
+
+FINISH_STOP, FINISH_LENGTH = "stop", "length"
+_MASK32 = 0xFFFFFFFF
+# Odd multipliers below 2**31: products of a 32-bit value with them stay inside int64.
+_MIX_A, _MIX_B = 0x2C1B3C6D, 0x297A2D39
+# Prompt tokens of one prefill call (the joining prompts are split into calls under this budget).
+_PREFILL_TOKENS = 8192
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample. temperature 0 = greedy. top_k 0 and top_p 1 and min_p 0 disable those filters.
+
+    Generation stops at any of ``stop_token_ids`` (and the model's eos unless ``ignore_eos``) or when the
+    completion's text contains one of ``stop_strings`` (needs the Engine's tokenizer); the stopping token
+    is kept in the completion. ``n`` samples per prompt share one prefill. ``seed`` None draws one from
+    torch's global generator. ``return_expert_ids``: see :class:`Completion`.
+    """
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop_token_ids: Sequence[int] = ()
+    stop_strings: Sequence[str] = ()
+    max_new_tokens: int = 256
+    n: int = 1
+    return_expert_ids: bool = False
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, expected: str) -> None:
+            if not ok:
+                raise ValueError(f"SamplingParams.{name}={getattr(self, name)!r}: expected {expected}")
+
+        need(self.temperature >= 0, "temperature", ">= 0 (0 = greedy)")
+        need(self.top_k >= 0, "top_k", ">= 0 (0 = off)")
+        need(0 < self.top_p <= 1, "top_p", "in (0, 1]")
+        need(0 <= self.min_p < 1, "min_p", "in [0, 1)")
+        need(self.max_new_tokens >= 1, "max_new_tokens", ">= 1")
+        need(self.n >= 1, "n", ">= 1")
+        need(all(isinstance(s, str) and s for s in self.stop_strings), "stop_strings", "non-empty strings")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Completion:
+    """One sample. ``token_ids`` and ``logprobs`` (fp32 values, one per token) include a stopping token.
+
+    expert_ids (with ``return_expert_ids``): MoE layer index -> int32 [len(prompt) + len(token_ids) - 1, k],
+    the routed experts of every position of prompt + completion except the last generated token's (the
+    engine never feeds that token, and no generated token's log-prob depends on it). For a training
+    forward over all of prompt + completion, :meth:`replay_expert_ids` gives one row per position.
+    """
+    prompt_index: int
+    sample_index: int
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    finish_reason: str | None = None
+    expert_ids: dict[int, torch.Tensor] | None = None
+
+    def replay_expert_ids(self) -> dict[int, torch.Tensor]:
+        """MoE layer -> int32 [len(prompt) + len(token_ids), k]: ``expert_ids`` with its last row repeated
+        for the final token, whose routing changes no log-prob of the completion (MoE is per token)."""
+        if self.expert_ids is None:
+            raise ValueError("Completion.replay_expert_ids: generate with SamplingParams(return_expert_ids=True)")
+        return {layer: torch.cat([ids, ids[-1:]]) for layer, ids in self.expert_ids.items()}
+
+
+@dataclass
+class EngineStats:
+    """Counters of the last ``generate``/``stream`` call. Times are host wall-clock and include sampling
+    and the one host sync per step, so they are complete (no GPU work left in flight)."""
+    prefill_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_steps: int = 0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+
+
+Event = tuple[int, int, float]  # (completion_index, token_id, logprob)
+
+
+@dataclass
+class _Sequence:
+    """A completion being generated; ``routing`` holds [L_moe, t, k] CPU chunks when expert ids are kept."""
+    index: int
+    prompt: list[int]
+    noise_key: int
+    completion: Completion
+    routing: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt) + len(self.completion.token_ids)
+
+
+class Engine:
+    """Generation over a :class:`RingFlashModel` (see the module docstring).
+
+    max_batch: cache rows (sequences decoded together); max_seq_len: positions per row (prompt plus
+    completion). device: defaults to the model's; the model is moved there. tokenizer: a
+    :class:`ringkern.tokenizer.RingTokenizer`, needed for stop strings. cuda_graphs: capture decode steps
+    on CUDA (False: eager, e.g. to compare). speculative_tokens: must be 0 (no draft model yet).
+    """
+
+    def __init__(self, model: RingFlashModel, *, max_batch: int = 8, max_seq_len: int = 2048, device=None,
+                 speculative_tokens: int = 0, tokenizer=None, cuda_graphs: bool = True):
+        if speculative_tokens != 0:
+            raise ValueError(f"speculative_tokens={speculative_tokens}: expected 0 (speculative decoding with the "
+                             "MTP draft layer is not implemented)")
+        if max_batch < 1 or max_seq_len < 2:
+            raise ValueError(f"max_batch={max_batch}, max_seq_len={max_seq_len}: expected >= 1 and >= 2")
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.model = model.to(self.device)
+        self.config = model.config
+        self.tokenizer = tokenizer
+        self.max_batch, self.max_seq_len = max_batch, max_seq_len
+        self.dtype = model.lm_head.weight.dtype
+        self.cache = KVCache.allocate(self.config, max_batch, max_seq_len, dtype=self.dtype, device=self.device)
+        self.moe_layers = [i for i in range(self.config.num_hidden_layers) if self.config.is_moe_layer(i)]
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.batch_buckets = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self._tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)  # static decode inputs
+        self._positions = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._vocab_hash: torch.Tensor | None = None
+        self.stats = EngineStats()
+
+    # ------------------------------------------------------------------ public API
+    def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        """One Completion per (prompt, sample), prompt-major: prompt 0's n samples first."""
+        sequences = self._sequences(prompts, params)
+        for _ in self._run(sequences, prompts, params):
+            pass
+        return [s.completion for s in sequences]
+
+    def stream(self, prompts: list[list[int]], params: SamplingParams) -> Iterator[Event]:
+        """Yield (completion_index, token_id, logprob) per generated token; indices as in ``generate``."""
+        yield from self._run(self._sequences(prompts, params), prompts, params)
+
+    # ---------------------------------------------------------------- scheduling
+    def _sequences(self, prompts: list[list[int]], params: SamplingParams) -> list[_Sequence]:
+        self._validate(prompts, params)
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()).item())
+        out = []
+        for p, prompt in enumerate(prompts):
+            for j in range(params.n):
+                index = len(out)
+                out.append(_Sequence(index, list(prompt), _noise_key(seed, index), Completion(p, j)))
+        return out
+
+    def _validate(self, prompts: list[list[int]], params: SamplingParams) -> None:
+        if params.n > self.max_batch:
+            raise ValueError(f"SamplingParams.n={params.n}: expected <= max_batch ({self.max_batch})")
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("SamplingParams.stop_strings needs Engine(..., tokenizer=...)")
+        vocab = self.config.vocab_size
+        for i, prompt in enumerate(prompts):
+            if not 1 <= len(prompt) < self.max_seq_len:
+                raise ValueError(f"prompts[{i}]: length {len(prompt)}, expected 1..{self.max_seq_len - 1} "
+                                 f"(max_seq_len={self.max_seq_len})")
+            if min(prompt) < 0 or max(prompt) >= vocab:
+                raise ValueError(f"prompts[{i}]: token ids must lie in [0, {vocab})")
+
+    def _run(self, sequences: list[_Sequence], prompts: list[list[int]], params: SamplingParams) -> Iterator[Event]:
+        n = params.n
+        self.stats = stats = EngineStats()
+        waiting = deque(range(len(prompts)))
+        active: list[_Sequence] = []  # active[r] lives in cache row r
+        while waiting or active:
+            joining = []
+            while waiting and len(active) + n * (len(joining) + 1) <= self.max_batch:
+                joining.append(waiting.popleft())
+            for group in _prefill_groups(joining, prompts):
+                start = time.perf_counter()
+                events = self._prefill([s for p in group for s in sequences[p * n:(p + 1) * n]], active, params)
+                stats.prefill_seconds += time.perf_counter() - start
+                stats.prefill_tokens += sum(len(prompts[p]) for p in group)
+                self._retire(active)
+                yield from events
+            if active:
+                start = time.perf_counter()
+                events = self._decode(active, params)
+                stats.decode_seconds += time.perf_counter() - start
+                stats.decode_steps += 1
+                stats.decode_tokens += len(events)
+                self._retire(active)
+                yield from events
+
+    def _retire(self, active: list[_Sequence]) -> None:
+        """Drop finished sequences, moving the last active ones into their rows (rows stay 0..n-1)."""
+        for row in reversed(range(len(active))):
+            if active[row].completion.finish_reason is None:
+                continue
+            last = active.pop()
+            if row < len(active):
+                self.cache.copy_row(len(active), row, last.length)
+                active[row] = last
+
+    # ----------------------------------------------------------------- prefill
+    @torch.no_grad()
+    def _prefill(self, new: list[_Sequence], active: list[_Sequence], params: SamplingParams) -> list[Event]:
+        """Prefill the prompts of ``new`` (n consecutive samples per prompt) into rows after ``active``."""
+        n = params.n
+        heads = new[::n]
+        first_row = len(active)
+        lengths = torch.tensor([len(s.prompt) for s in heads])
+        ids = torch.zeros(len(heads), int(lengths.max()), dtype=torch.long)
+        for i, s in enumerate(heads):
+            ids[i, : len(s.prompt)] = torch.tensor(s.prompt)
+        rows = torch.arange(first_row, first_row + n * len(heads), n, device=self.device)
+        out = self.model(ids.to(self.device), kv_cache=self.cache, cache_rows=rows, compute_logits=False,
+                         compute_mtp=False)
+        last = out.hidden_states[torch.arange(len(heads), device=self.device), lengths.to(self.device) - 1]  # [P, H]
+        logits = self.model.lm_head(last).float().repeat_interleave(n, dim=0)  # [P n, V]
+        for i, s in enumerate(heads):
+            for j in range(1, n):
+                self.cache.copy_row(first_row + i * n, first_row + i * n + j, len(s.prompt))
+        if params.return_expert_ids and self.moe_layers:
+            routing = torch.stack([out.expert_ids[i] for i in self.moe_layers], dim=1).cpu()  # [P, L_moe, T, k]
+            for i, s in enumerate(new):
+                s.routing.append(routing[i // n, :, : len(s.prompt)])
+        active.extend(new)
+        return self._sample(new, logits, params)
+
+    # ------------------------------------------------------------------ decode
+    @torch.no_grad()
+    def _decode(self, active: list[_Sequence], params: SamplingParams) -> list[Event]:
+        """One decode step of every active sequence (rows 0..len(active)-1)."""
+        count = len(active)
+        # On CUDA eager steps use the buckets too, so they run exactly the kernels a graph replays.
+        batch = next(b for b in self.batch_buckets if b >= count) if self.device.type == "cuda" else count
+        inputs = torch.zeros(2, batch, 1, dtype=torch.long)  # spare rows: token 0 at position 0
+        inputs[0, :count, 0] = torch.tensor([s.completion.token_ids[-1] for s in active])
+        inputs[1, :count, 0] = torch.tensor([s.length - 1 for s in active])
+        self._tokens[:batch].copy_(inputs[0])
+        self._positions[:batch].copy_(inputs[1])
+        logits, routing = self._replay(batch) if self.use_graphs else self._decode_forward(batch)
+        if params.return_expert_ids and self.moe_layers:
+            routing = routing[:, :count].cpu()  # [L_moe, count, k]
+            for row, s in enumerate(active):
+                s.routing.append(routing[:, row: row + 1])
+        return self._sample(active, logits[:count], params)
+
+    def _decode_forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step on the static inputs of rows 0..batch-1: (logits [b, V] fp32, ids [L_moe, b, k])."""
+        out = self.model(self._tokens[:batch], position_ids=self._positions[:batch], kv_cache=self.cache,
+                         compute_logits=False, compute_mtp=False)
+        logits = self.model.lm_head(out.hidden_states[:, -1]).float()
+        k = self.config.num_experts_per_tok
+        routing = (torch.stack([out.expert_ids[i][:, -1] for i in self.moe_layers]) if self.moe_layers
+                   else torch.zeros(0, batch, k, dtype=torch.int32, device=self.device))
+        return logits, routing
+
+    def _replay(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if batch not in self._graphs:
+            self._graphs[batch] = self._capture(batch)
+        graph, outputs = self._graphs[batch]
+        graph.replay()
+        return outputs
+
+    def _capture(self, batch: int):
+        """Capture the decode step for ``batch`` rows. The static inputs already hold this step's tokens,
+        so the warm-up runs write exactly the keys/values the replay writes again."""
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._decode_forward(batch)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._graph_pool):
+            outputs = self._decode_forward(batch)
+        return graph, outputs
+
+    # ---------------------------------------------------------------- sampling
+    def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, params: SamplingParams) -> list[Event]:
+        """Draw each sequence's next token, append it, decide whether it finished; returns the events."""
+        keys = torch.tensor([s.noise_key for s in seqs], device=self.device)
+        steps = torch.tensor([len(s.completion.token_ids) for s in seqs], device=self.device)
+        tokens, logprobs = sample(logits, params, keys, steps, self._noise_basis(logits.shape[-1]))
+        events = []
+        for s, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
+            s.completion.token_ids.append(token)
+            s.completion.logprobs.append(logprob)
+            s.completion.finish_reason = self._finish_reason(s, params)
+            if s.completion.finish_reason is not None and params.return_expert_ids:
+                s.completion.expert_ids = self._expert_ids(s)
+            events.append((s.index, token, logprob))
+        return events
+
+    def _expert_ids(self, seq: _Sequence) -> dict[int, torch.Tensor]:
+        """MoE layer -> [len(prompt) + generated - 1, k] int32 (see Completion); frees the chunks."""
+        if not seq.routing:
+            return {}
+        routing = torch.cat(seq.routing, dim=1)  # [L_moe, T - 1, k]
+        seq.routing = []
+        return {layer: routing[j] for j, layer in enumerate(self.moe_layers)}
+
+    def _finish_reason(self, seq: _Sequence, params: SamplingParams) -> str | None:
+        tokens = seq.completion.token_ids
+        if tokens[-1] in params.stop_token_ids or (not params.ignore_eos and tokens[-1] == self.config.eos_token_id):
+            return FINISH_STOP
+        if params.stop_strings:
+            # A stop string of c characters ends within the last 4c tokens (a token is at least one byte).
+            window = 4 * max(len(s) for s in params.stop_strings)
+            text = self.tokenizer.decode(tokens[-window:])
+            if any(s in text for s in params.stop_strings):
+                return FINISH_STOP
+        if len(tokens) >= params.max_new_tokens or seq.length >= self.max_seq_len:
+            return FINISH_LENGTH
+        return None
+
+    def _noise_basis(self, vocab: int) -> torch.Tensor:
+        """hash32 of every vocabulary index [V] int64, made once."""
+        if self._vocab_hash is None or self._vocab_hash.numel() != vocab:
+            self._vocab_hash = hash32(torch.arange(vocab, dtype=torch.long, device=self.device))
+        return self._vocab_hash
+
+
+def sample(logits: torch.Tensor, params: SamplingParams, noise_keys: torch.Tensor, steps: torch.Tensor,
+           vocab_hash: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Draw one token per row: (tokens [B] int64, fp32 log-probs [B] under the distribution sampled from).
+
+    logits: [B, V] fp32; noise_keys, steps: [B] int64 (see the module docstring); vocab_hash: hash32(arange(V)).
+    """
+    if params.greedy:
+        tokens = logits.argmax(-1)
+        return tokens, torch.log_softmax(logits, -1).gather(1, tokens.unsqueeze(1)).squeeze(1)
+    logp = torch.log_softmax(filter_logits(logits / params.temperature, params), -1)  # [B, V], -inf = dropped
+    tokens = (logp + gumbel_noise(noise_keys, steps, vocab_hash)).argmax(-1)
+    return tokens, logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+
+def filter_logits(scaled: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """Apply top-k, then top-p, then min-p to tempered logits [B, V]; dropped tokens become -inf."""
+    dropped = float("-inf")
+    if 0 < params.top_k < scaled.shape[-1]:
+        kth = scaled.topk(params.top_k, dim=-1).values[:, -1:]  # [B, 1]
+        scaled = scaled.masked_fill(scaled < kth, dropped)
+    if params.top_p < 1:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Keep the smallest prefix whose mass reaches top_p: drop a token once the mass before it does.
+        drop_sorted = (probs.cumsum(-1) - probs) >= params.top_p
+        scaled = scaled.masked_fill(torch.zeros_like(drop_sorted).scatter(1, order, drop_sorted), dropped)
+    if params.min_p > 0:
+        probs = scaled.softmax(-1)
+        scaled = scaled.masked_fill(probs < params.min_p * probs.max(-1, keepdim=True).values, dropped)
+    return scaled
+
+
+def hash32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer mixing function on int64 tensors holding values in [0, 2**32) (no overflow)."""
+    x = x ^ (x >> 16)
+    x = (x * _MIX_A) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * _MIX_B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def gumbel_noise(noise_keys: torch.Tensor, steps: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
+    """Gumbel(0, 1) noise [B, V] fp32, a fixed function of (key, step, vocabulary index)."""
+    row = hash32(noise_keys ^ hash32(steps & _MASK32))  # [B]
+    bits = hash32(row.unsqueeze(1) ^ vocab_hash) >> 8  # [B, V], 24 random bits
+    uniform = (bits.float() + 0.5) / float(1 << 24)  # in (0, 1)
+    return -torch.log(-torch.log(uniform))
+
+
+def _noise_key(seed: int, completion_index: int) -> int:
+    """32-bit noise key of one completion of a seeded call."""
+    return random.Random(f"{seed}:{completion_index}").getrandbits(32)
+
+
+def _prefill_groups(prompt_indices: list[int], prompts: list[list[int]]) -> Iterator[list[int]]:
+    """Split joining prompts into prefill calls of at most _PREFILL_TOKENS padded tokens (at least one prompt)."""
+    group: list[int] = []
+    for p in prompt_indices:
+        width = max([len(prompts[q]) for q in group] + [len(prompts[p])])
+        if group and width * (len(group) + 1) > _PREFILL_TOKENS:
+            yield group
+            group = []
+        group.append(p)
+    if group:
+        yield group
+
+
+__all__ = ["Completion", "Engine", "EngineStats", "SamplingParams", "FINISH_LENGTH", "FINISH_STOP", "filter_logits",
+           "gumbel_noise", "hash32", "sample"]

@@ -1,0 +1,172 @@
+"""Sync-free ops for the inference engine: attention over a KV cache, MoE routing and routed experts.
+
+A CUDA graph can only capture work that never waits for the host. The references in
+:mod:`ringkern.ops.reference` sync in two places that matter for decoding: ``torch.bincount`` (the CUDA
+kernel reads the input's max back to size its output) and the per-expert loop of ``moe_experts``
+(``.tolist()`` of the counts). The functions here compute the same math without either:
+
+- ``moe_route``: the reference routing, with the counts accumulated by ``scatter_add_`` on CUDA
+  (``moe_route_sync_free``; the CPU keeps the reference).
+- ``moe_experts``: on CUDA with bf16 weights on sm90/sm100, ``torch._grouped_mm`` over expert-sorted
+  rows with offsets computed on the device; on other CUDA setups, a gathered-weights formulation
+  (each (token, expert) pair gathers its expert's matrices and runs a batched matmul) for decode-sized
+  calls and under capture, chunked so its workspace stays bounded; on the CPU, where syncs cost
+  nothing, the reference itself.
+- ``cached_attention``: queries attend to a cache row's keys at positions <= their own (the mask from
+  ``cache_attention_mask``, made once per decode step for all layers).
+
+Both expert formulations combine the k expert outputs of a token in fp32 in a fixed order (no atomics),
+so repeated runs are bitwise identical. Shape legend: T tokens, H hidden, E experts, k experts per token,
+I expert intermediate size, B sequences, S cache length, D head dim.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from . import reference
+
+# Bytes of gathered expert weights one chunk of the gathered formulation may allocate.
+_GATHER_WORKSPACE_BYTES = 1 << 28
+# Above this many (token, expert) pairs an uncaptured call (a prefill) takes the reference loop, which reads
+# each expert once instead of once per pair.
+_GATHER_MAX_PAIRS = 512
+
+
+def moe_route(router_logits: torch.Tensor, expert_bias: torch.Tensor, *, n_group: int, topk_group: int,
+              top_k: int, routed_scaling_factor: float, renormalize: bool = True,
+              expert_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``reference.moe_route`` without a host sync on CUDA: same signature, same results (ids exactly equal)."""
+    route = moe_route_sync_free if router_logits.is_cuda else reference.moe_route
+    return route(router_logits, expert_bias, n_group=n_group, topk_group=topk_group, top_k=top_k,
+                 routed_scaling_factor=routed_scaling_factor, renormalize=renormalize, expert_ids=expert_ids)
+
+
+def moe_route_sync_free(router_logits: torch.Tensor, expert_bias: torch.Tensor, *, n_group: int,
+                        topk_group: int, top_k: int, routed_scaling_factor: float, renormalize: bool = True,
+                        expert_ids: torch.Tensor | None = None
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The reference routing math on any device, with the counts from :func:`expert_counts`."""
+    T, E = router_logits.shape
+    scores = torch.sigmoid(router_logits.float())  # [T, E]
+    if expert_ids is None:
+        biased = scores + expert_bias.float()
+        group_scores = biased.view(T, n_group, E // n_group).topk(2, dim=-1).values.sum(-1)  # [T, n_group]
+        kept = reference._sorted_topk_indices(group_scores, topk_group)  # [T, topk_group]
+        group_keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
+        expert_keep = group_keep.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
+        masked = biased.masked_fill(~expert_keep, float("-inf"))
+        expert_ids = reference._sorted_topk_indices(masked, top_k)
+    ids = expert_ids.long()
+    weights = scores.gather(1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+    weights = weights * routed_scaling_factor
+    return weights, ids.to(torch.int32), expert_counts(ids, E)
+
+
+def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Tokens routed to each expert, [E] int32, from ids [T, k] (scatter-add: no host sync)."""
+    flat = expert_ids.reshape(-1).long()
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
+    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+
+
+def moe_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """``reference.moe_experts`` without a host sync on CUDA (same signature and math, see the module doc).
+
+    x: [T, H]; weights: [T, k] fp32; expert_ids: [T, k]; gate_up_proj: [E, 2I, H]; down_proj: [E, H, I].
+    """
+    if not x.is_cuda:
+        return reference.moe_experts(x, weights, expert_ids, gate_up_proj, down_proj)
+    if grouped_mm_supported(x, gate_up_proj):
+        return moe_experts_grouped(x, weights, expert_ids, gate_up_proj, down_proj)
+    if expert_ids.numel() > _GATHER_MAX_PAIRS and not torch.cuda.is_current_stream_capturing():
+        return reference.moe_experts(x, weights, expert_ids, gate_up_proj, down_proj)
+    return moe_experts_gathered(x, weights, expert_ids, gate_up_proj, down_proj)
+
+
+def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` runs its device kernel (no host sync) for these operands.
+
+    Its fallback (other dtypes, other GPUs) reads the offsets back to the host, so it is not used there.
+    """
+    if not (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == weight.dtype == torch.bfloat16):
+        return False
+    return torch.cuda.get_device_capability(x.device)[0] in (9, 10)
+
+
+def moe_experts_grouped(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                        gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """Routed experts as two ``torch._grouped_mm`` calls over (token, expert) pairs sorted by expert."""
+    T, H = x.shape
+    E, two_i, _ = gate_up_proj.shape
+    k = expert_ids.shape[1]
+    flat_ids = expert_ids.reshape(-1).long()  # [T k]
+    order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert
+    offsets = torch.cumsum(expert_counts(flat_ids, E), 0, dtype=torch.int32)  # [E] end of each group
+    x_sorted = x[order // k]  # [T k, H]
+    gate_up = torch._grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offs=offsets)  # [T k, 2I]
+    gate, up = gate_up.split(two_i // 2, dim=-1)
+    y_sorted = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offsets)  # [T k, H]
+    y_pairs = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)  # back to (token, j) order
+    return _combine(y_pairs.view(T, k, H), weights, x.dtype)
+
+
+def moe_experts_gathered(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                         gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+    """Routed experts by gathering each (token, expert) pair's weights and one batched matmul per projection.
+
+    Reads k expert matrices per token, so it suits decode-sized T; tokens go in chunks whose gathered
+    weights stay under ``_GATHER_WORKSPACE_BYTES`` (the chunking depends only on shapes: capturable).
+    """
+    T, H = x.shape
+    k = expert_ids.shape[1]
+    pair_bytes = (gate_up_proj[0].numel() + down_proj[0].numel()) * gate_up_proj.element_size()
+    chunk = max(1, _GATHER_WORKSPACE_BYTES // (pair_bytes * k))
+    outs = []
+    for start in range(0, T, chunk):
+        ids = expert_ids[start:start + chunk].reshape(-1).long()  # [t k]
+        rows = x[start:start + chunk]
+        xs = rows.unsqueeze(1).expand(-1, k, H).reshape(-1, H, 1)  # [t k, H, 1]
+        gate, up = torch.bmm(gate_up_proj[ids], xs).squeeze(-1).chunk(2, dim=-1)  # [t k, I] each
+        y = torch.bmm(down_proj[ids], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [t k, H]
+        outs.append(y.view(-1, k, H))
+    return _combine(torch.cat(outs), weights, x.dtype)
+
+
+def _combine(y_pairs: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """sum_j w_tj y_tj in fp32 (fixed order), cast to ``dtype``. y_pairs: [T, k, H]; weights: [T, k]."""
+    acc = reference._acc(y_pairs) * reference._acc(weights).unsqueeze(-1)
+    return acc.sum(1).to(dtype)
+
+
+def cache_attention_mask(positions: torch.Tensor, cache_len: int, groups: int) -> torch.Tensor:
+    """Mask of :func:`cached_attention`: [B, 1, G T, S] bool, True where key s <= positions[b, t].
+
+    positions: [B, T]; row g T + t of a group is query head g of that group at query t.
+    """
+    B, T = positions.shape
+    visible = torch.arange(cache_len, device=positions.device) <= positions.unsqueeze(-1)  # [B, T, S]
+    return visible.unsqueeze(1).expand(B, groups, T, cache_len).reshape(B, 1, groups * T, cache_len)
+
+
+def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     mask: torch.Tensor) -> torch.Tensor:
+    """Attention of new queries over cache rows that already hold their own keys and values.
+
+    q: [B, Hq, T, D]; k_cache, v_cache: [B, Hkv, S, D]; mask: :func:`cache_attention_mask` of the
+    queries' positions (whatever the rows hold past a query's position is masked). The G = Hq/Hkv query
+    heads of a group are folded into the query axis, so K and V are read once per group, with no GQA
+    expansion.
+    """
+    B, Hq, T, D = q.shape
+    Hkv = k_cache.shape[1]
+    q_grouped = q.reshape(B, Hkv, (Hq // Hkv) * T, D)  # query head h uses kv head h // G
+    out = F.scaled_dot_product_attention(q_grouped, k_cache, v_cache, attn_mask=mask)  # [B, Hkv, G T, D]
+    return out.reshape(B, Hq, T, D)
+
+
+__all__ = ["cache_attention_mask", "cached_attention", "expert_counts", "grouped_mm_supported", "moe_experts",
+           "moe_experts_gathered", "moe_experts_grouped", "moe_route", "moe_route_sync_free"]
