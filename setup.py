@@ -50,7 +50,9 @@ def extension():
     want_cuda = (torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
                  and os.environ.get("RINGKERN_NO_CUDA", "0") != "1")
     include_dirs = [str(ROOT / "csrc")]
-    cxx = ["-O3", "-std=c++20"]
+    # No -std here: torch's cpp_extension adds the standard its headers were built with (C++17 for torch
+    # <= 2.12, C++20 after); mixing them changes c10's inline classes and crashes on a thrown c10::Error.
+    cxx = ["-O3"]
     if not want_cuda:
         print(f"ringkern: CPU-only build (torch CUDA: {torch.version.cuda}, CUDA_HOME: {cpp_extension.CUDA_HOME})")
         return cpp_extension.CppExtension("ringkern._C", [s for s in sources if not s.endswith(".cu")],
@@ -60,7 +62,7 @@ def extension():
     print(f"ringkern: CUDA build for {archs} with {cpp_extension.CUDA_HOME}; CUTLASS headers: {cutlass or 'not found'}")
     include_dirs += ([cutlass] if cutlass else []) + pip_cuda_includes()
     defines = ["-DRINGKERN_WITH_CUDA", f'-DRINGKERN_CUDA_ARCHS="{archs.replace(";", " ")}"']
-    nvcc = ["-O3", "-std=c++20", "--expt-relaxed-constexpr", "-lineinfo", *defines]
+    nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *defines]
     return cpp_extension.CUDAExtension("ringkern._C", sources, include_dirs=include_dirs,
                                        extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc})
 

@@ -102,12 +102,12 @@ def kernels_per_step(engine: Engine) -> int:
 @contextlib.contextmanager
 def plain_pytorch_moe():
     """Make the cached path use the reference router and per-expert loop (host syncs, as HF decodes)."""
-    saved = inference.moe_route, inference.moe_experts
-    inference.moe_route, inference.moe_experts = reference.moe_route, reference.moe_experts
+    saved = ops.moe_route, inference.moe_experts
+    ops.moe_route, inference.moe_experts = reference.moe_route, reference.moe_experts
     try:
         yield
     finally:
-        inference.moe_route, inference.moe_experts = saved
+        ops.moe_route, inference.moe_experts = saved
 
 
 def logprob_gap(engine: Engine, models: dict[str, RingFlashModel], prompts: list[list[int]],
@@ -144,8 +144,7 @@ def run_cuda(args) -> dict:
         return torch.randint(0, cfg.vocab_size, (b, args.prompt_len), generator=gen).tolist()
 
     result = {"device": torch.cuda.get_device_name(), "layers": args.layers, "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens, "grouped_mm": inference.grouped_mm_supported(
-                  model.lm_head.weight, model.lm_head.weight), "batches": []}
+              "new_tokens": args.new_tokens, "moe_kernels": "csrc/moe (ops.moe_experts)", "batches": []}
     for b in args.batches:
         full = Engine(model, max_batch=b, max_seq_len=max_seq_len)
         ms_full = decode_ms_per_step(full, prompts(b), args.new_tokens)
@@ -203,7 +202,7 @@ def print_table(result: dict) -> None:
                   f"{row['tokens_per_s']:8.1f} tokens/s")
         return
     print(f"{result['layers']} full-width layers, prompt {result['prompt_len']}, {result['new_tokens']} new tokens, "
-          f"grouped_mm experts: {result['grouped_mm']}")
+          f"MoE experts: {result['moe_kernels']}")
     print(f"{'batch':>5} {'ms/step':>8} {'ms/MoE layer':>12} {'32L ms':>8} {'32L tok/s':>10} "
           f"{'plain ms':>9} {'speedup':>8} {'plain 32L tok/s':>16} {'32L speedup':>12}")
     for r in result["batches"]:

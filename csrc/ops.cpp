@@ -10,6 +10,45 @@ TORCH_LIBRARY(ringkern, m) {
   m.def("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor");
   // Gradients of rms_norm: (grad_x, grad_weight).
   m.def("rms_norm_backward(Tensor grad_out, Tensor x, Tensor weight, float eps) -> (Tensor, Tensor)");
+  // Per-token log softmax(hidden @ weight^T / temperature)[targets] without [T, V] logits: (logp, entropy, lse),
+  // fp32 [T] each (lse is saved for the backward).
+  m.def("token_logprobs(Tensor hidden, Tensor weight, Tensor targets, float temperature) -> (Tensor, Tensor, Tensor)");
+  // Gradients of grad_logp . logp + grad_entropy . entropy w.r.t. (hidden, weight); [0] where not asked for.
+  m.def("token_logprobs_backward(Tensor grad_logp, Tensor grad_entropy, Tensor hidden, Tensor weight, "
+        "Tensor targets, Tensor lse, Tensor entropy, float temperature, bool need_grad_hidden, "
+        "bool need_grad_weight) -> (Tensor, Tensor)");
+  // IcePop / TIS / plain clipped policy loss in one pass: (loss, metrics [8], grad_hidden, grad_weight), the
+  // gradients those of the loss itself; with grad_weight_acc (fp32 [V, H]) grad_weight is added there instead.
+  m.def("icepop_policy_loss(Tensor hidden, Tensor weight, Tensor targets, Tensor old_logprobs, "
+        "Tensor rollout_logprobs, Tensor advantages, Tensor loss_mask, Tensor cu_seqlens, float alpha, float beta, "
+        "float eps_low, float eps_high, float temperature, str correction, str aggregation, float tis_cap, "
+        "bool need_grad_hidden, bool need_grad_weight, Tensor(a!)? grad_weight_acc) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  // Weighted cross-entropy (reduction "sum" or "mean") with its gradients, like icepop_policy_loss.
+  m.def("linear_cross_entropy(Tensor hidden, Tensor weight, Tensor targets, int ignore_index, "
+        "Tensor? token_weights, str reduction, bool need_grad_hidden, bool need_grad_weight, "
+        "Tensor(a!)? grad_weight_acc) -> (Tensor, Tensor, Tensor)");
+  // Identity on a loss that routes the loss's precomputed gradients (scaled by the upstream gradient) to
+  // hidden and weight in backward; weight_grad_in_buffer: weight's gradient already went into a caller's buffer.
+  m.def("attach_grads(Tensor loss, Tensor hidden, Tensor weight, Tensor grad_hidden, Tensor grad_weight, "
+        "bool weight_grad_in_buffer) -> Tensor");
+  // MoE router: fused sigmoid, selection-only bias, group top-2 sum, keep topk_group groups, top-k, renormalize,
+  // scale: (weights [T, k] fp32, expert_ids [T, k] int32, tokens_per_expert [E] int32); replay with expert_ids.
+  m.def("moe_route(Tensor router_logits, Tensor expert_bias, int n_group, int topk_group, int top_k, "
+        "float routed_scaling_factor, bool renormalize, Tensor? expert_ids) -> (Tensor, Tensor, Tensor)");
+  // Gradient of moe_route's weights w.r.t. router_logits: [T, E] fp32.
+  m.def("moe_route_backward(Tensor grad_weights, Tensor router_logits, Tensor expert_ids, "
+        "float routed_scaling_factor, bool renormalize) -> Tensor");
+  // Stable sort of token slots (t*k + j) by expert: (tokens_per_expert [E], offsets [E] (cumulative ends),
+  // sorted_slot [T*k], slot_pos [T*k]), all int32.
+  m.def("moe_dispatch(Tensor expert_ids, int num_experts) -> (Tensor, Tensor, Tensor, Tensor)");
+  // Routed SwiGLU experts combined with the routing weights: (y [T, H], gate_up_out [T*k, 2I] (kept for the
+  // backward), sorted_slot, slot_pos, offsets) with the dispatch of moe_dispatch.
+  m.def("moe_experts_forward(Tensor x, Tensor weights, Tensor expert_ids, Tensor gate_up_proj, Tensor down_proj) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Gradients of moe_experts_forward's y: (grad_x, grad_weights fp32, grad_gate_up_proj, grad_down_proj).
+  m.def("moe_experts_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor gate_up_proj, Tensor down_proj, "
+        "Tensor gate_up_out, Tensor sorted_slot, Tensor slot_pos, Tensor offsets) -> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifndef RINGKERN_CUDA_ARCHS

@@ -154,12 +154,12 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None, sync_free: bool = False):
-        """x [N, H] -> (weights [N, k] fp32, expert_ids [N, k] int32, tokens_per_expert [E] int32)."""
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None):
+        """x [N, H] -> (weights [N, k] fp32, expert_ids [N, k] int32, tokens_per_expert [E] int32).
+        No host sync on CUDA (one fused kernel), so the cached decode step can be captured."""
         logits = F.linear(x.float(), self.weight.float())  # [N, E]
         cfg = self.cfg
-        route = inference_ops.moe_route if sync_free else ops.moe_route
-        return route(logits, self.expert_bias, n_group=cfg.n_group, topk_group=cfg.topk_group,
+        return ops.moe_route(logits, self.expert_bias, n_group=cfg.n_group, topk_group=cfg.topk_group,
                      top_k=cfg.num_experts_per_tok, routed_scaling_factor=cfg.routed_scaling_factor,
                      renormalize=cfg.norm_topk_prob, expert_ids=expert_ids)
 
@@ -210,7 +210,7 @@ class MoEBlock(nn.Module):
         B, T, H = x.shape
         flat = x.reshape(B * T, H)
         replay = None if expert_ids is None else expert_ids.reshape(B * T, -1)
-        weights, ids, counts = self.gate(flat, replay, sync_free)
+        weights, ids, counts = self.gate(flat, replay)
         y = self.experts(flat, weights, ids, sync_free)
         if self.shared_experts is not None:
             y = y + self.shared_experts(flat)

@@ -42,3 +42,288 @@ def _register_rms_norm() -> None:
 
 
 _register_rms_norm()
+
+
+def _register_moe() -> None:
+    from . import moe_reference as moe_ref
+
+    def route_cpu(router_logits, expert_bias, n_group, topk_group, top_k, routed_scaling_factor, renormalize,
+                  expert_ids):
+        return ref.moe_route(router_logits, expert_bias, n_group=n_group, topk_group=topk_group, top_k=top_k,
+                             routed_scaling_factor=routed_scaling_factor, renormalize=renormalize,
+                             expert_ids=expert_ids)
+
+    torch.library.register_kernel("ringkern::moe_route", "cpu", route_cpu)
+    torch.library.register_kernel("ringkern::moe_route_backward", "cpu", moe_ref.moe_route_backward)
+    torch.library.register_kernel("ringkern::moe_dispatch", "cpu", moe_ref.moe_dispatch)
+    torch.library.register_kernel("ringkern::moe_experts_forward", "cpu", moe_ref.moe_experts_forward)
+    torch.library.register_kernel("ringkern::moe_experts_backward", "cpu", moe_ref.moe_experts_backward)
+
+    @torch.library.register_fake("ringkern::moe_route")
+    def _(router_logits, expert_bias, n_group, topk_group, top_k, routed_scaling_factor, renormalize, expert_ids):
+        T, E = router_logits.shape
+        return (router_logits.new_empty(T, top_k, dtype=torch.float32),
+                router_logits.new_empty(T, top_k, dtype=torch.int32),
+                router_logits.new_empty(E, dtype=torch.int32))
+
+    @torch.library.register_fake("ringkern::moe_route_backward")
+    def _(grad_weights, router_logits, expert_ids, routed_scaling_factor, renormalize):
+        return torch.empty_like(router_logits, dtype=torch.float32)
+
+    @torch.library.register_fake("ringkern::moe_dispatch")
+    def _(expert_ids, num_experts):
+        S = expert_ids.numel()
+        return (expert_ids.new_empty(num_experts, dtype=torch.int32), expert_ids.new_empty(num_experts, dtype=torch.int32),
+                expert_ids.new_empty(S, dtype=torch.int32), expert_ids.new_empty(S, dtype=torch.int32))
+
+    @torch.library.register_fake("ringkern::moe_experts_forward")
+    def _(x, weights, expert_ids, gate_up_proj, down_proj):
+        S = expert_ids.numel()
+        E = gate_up_proj.shape[0]
+        return (torch.empty_like(x), x.new_empty(S, gate_up_proj.shape[1]), x.new_empty(S, dtype=torch.int32),
+                x.new_empty(S, dtype=torch.int32), x.new_empty(E, dtype=torch.int32))
+
+    @torch.library.register_fake("ringkern::moe_experts_backward")
+    def _(grad_y, x, weights, gate_up_proj, down_proj, gate_up_out, sorted_slot, slot_pos, offsets):
+        return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(gate_up_proj),
+                torch.empty_like(down_proj))
+
+    def route_setup_context(ctx, inputs, output):
+        router_logits, _, _, _, _, scale, renormalize, _ = inputs
+        ctx.save_for_backward(router_logits, output[1])
+        ctx.scale, ctx.renormalize = scale, renormalize
+
+    def route_backward(ctx, grad_weights, _grad_ids, _grad_counts):
+        router_logits, ids = ctx.saved_tensors
+        grad_logits = None
+        if ctx.needs_input_grad[0] and grad_weights is not None:
+            grad_logits = torch.ops.ringkern.moe_route_backward(grad_weights.contiguous(), router_logits, ids,
+                                                                ctx.scale, ctx.renormalize)
+        return grad_logits, None, None, None, None, None, None, None
+
+    torch.library.register_autograd("ringkern::moe_route", route_backward, setup_context=route_setup_context)
+
+    # Stored for the backward: x, weights, the weights of the experts, the first GEMM's output (pre-activation)
+    # and the dispatch; the gathered rows and the activation are recomputed (see csrc/moe/moe_experts.cu).
+    def experts_setup_context(ctx, inputs, output):
+        x, weights, _, gate_up_proj, down_proj = inputs
+        _, gate_up_out, sorted_slot, slot_pos, offsets = output
+        ctx.save_for_backward(x, weights, gate_up_proj, down_proj, gate_up_out, sorted_slot, slot_pos, offsets)
+
+    def experts_backward(ctx, grad_y, *_grad_saved):
+        if grad_y is None:
+            return None, None, None, None, None
+        grads = torch.ops.ringkern.moe_experts_backward(grad_y.contiguous(), *ctx.saved_tensors)
+        grad_x, grad_weights, grad_gate_up, grad_down = (g if need else None
+                                                         for g, need in zip(grads, ctx.needs_input_grad[:2]
+                                                                            + ctx.needs_input_grad[3:]))
+        return grad_x, grad_weights, None, grad_gate_up, grad_down
+
+    torch.library.register_autograd("ringkern::moe_experts_forward", experts_backward,
+                                    setup_context=experts_setup_context)
+
+
+_register_moe()
+
+
+# ------------------------------------------------------------- log-probs and losses
+
+ICEPOP_METRICS = ("masked_low_frac", "masked_high_frac", "mean_abs_logp_diff", "max_prob_gap", "kl_train_infer",
+                  "clip_frac", "entropy", "num_tokens")
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+def _scaled_logits(hidden: torch.Tensor, weight: torch.Tensor, temperature: float) -> torch.Tensor:
+    """hidden @ weight^T / temperature in the accumulation dtype, rounded like the reference ([T, V])."""
+    return (hidden @ weight.t()).to(_acc_dtype(hidden)) / temperature
+
+
+def _softmax_grads(z, hidden, weight, targets, temperature, grad_logp, grad_entropy, need_grad_hidden,
+                   need_grad_weight):
+    """(grad_hidden, grad_weight) of sum(grad_logp * logp + grad_entropy * entropy) in closed form, from the
+    scaled logits z: d/dz_i = grad_logp * (onehot_i - p_i) - grad_entropy * p_i * (z_i - sum_j p_j z_j).
+    Kernels run below autograd, so the CPU path states the gradient instead of recording a graph."""
+    g_logp, g_ent = grad_logp.to(z.dtype).unsqueeze(1), grad_entropy.to(z.dtype).unsqueeze(1)
+    p = torch.softmax(z, dim=-1)
+    mean_z = (p * z).sum(-1, keepdim=True)
+    d_logits = (-p * (g_logp + g_ent * (z - mean_z))).scatter_add_(1, targets.long().unsqueeze(1), g_logp)
+    d_logits = d_logits / temperature
+    grad_hidden = (d_logits @ weight.to(z.dtype)).to(hidden.dtype) if need_grad_hidden else hidden.new_empty(0)
+    grad_weight = (d_logits.t() @ hidden.to(z.dtype)).to(weight.dtype) if need_grad_weight else weight.new_empty(0)
+    return grad_hidden, grad_weight
+
+
+def _loss_grads(coef, hidden, weight, targets, temperature, need_grad_hidden, need_grad_weight):
+    """Gradients of a loss whose d(loss)/d(logp_t) is coef [T] (the CUDA kernels' per-token coefficient)."""
+    if not (need_grad_hidden or need_grad_weight):
+        return hidden.new_empty(0), weight.new_empty(0)
+    z = _scaled_logits(hidden, weight, temperature)
+    return _softmax_grads(z, hidden, weight, targets, temperature, coef, torch.zeros_like(coef), need_grad_hidden,
+                          need_grad_weight)
+
+
+def _into_buffer(grad_weight: torch.Tensor, grad_weight_acc: torch.Tensor | None) -> torch.Tensor:
+    """Adds grad_weight to the caller's fp32 buffer when there is one (then returns an empty tensor)."""
+    if grad_weight_acc is None or grad_weight.dim() != 2:
+        return grad_weight
+    grad_weight_acc.add_(grad_weight)
+    return grad_weight.new_empty(0)
+
+
+def _aggregation_weights(mask: torch.Tensor, cu_seqlens: torch.Tensor, aggregation: str, dtype) -> torch.Tensor:
+    """w_t with loss = -sum_t w_t * term_t: 1 / n_tokens, or 1 / (seq tokens x sequences with loss tokens)."""
+    maskf = mask.to(dtype)
+    if aggregation == "token-mean" or mask.numel() == 0:
+        return maskf / maskf.sum().clamp_min(1)
+    seq_idx = ref._sequence_index(cu_seqlens, mask.shape[0])
+    seq_cnt = maskf.new_zeros(cu_seqlens.numel() - 1).index_add_(0, seq_idx, maskf)
+    return maskf / (seq_cnt[seq_idx].clamp_min(1) * (seq_cnt > 0).sum().clamp_min(1))
+
+
+def _icepop_coef(logp, old_logprobs, rollout_logprobs, advantages, loss_mask, cu_seqlens, alpha, beta, eps_low,
+                 eps_high, correction, aggregation, tis_cap) -> torch.Tensor:
+    """d(loss)/d(logp_t) of the reference's IcePop loss (what the CUDA row kernel computes per token)."""
+    old, rollout, adv = (t.to(logp.dtype) for t in (old_logprobs, rollout_logprobs, advantages))
+    k = (old - rollout).exp()
+    if correction == "icepop":
+        corr = torch.where((k >= alpha) & (k <= beta), k, torch.zeros_like(k))
+    elif correction == "tis":
+        corr = k.clamp(max=tis_cap)
+    else:
+        corr = torch.ones_like(k)
+    scale = _aggregation_weights(loss_mask.bool(), cu_seqlens, aggregation, logp.dtype) * corr
+    ratio = (logp - old).exp()
+    clipped = ((ratio > 1 + eps_high) & (adv > 0)) | ((ratio < 1 - eps_low) & (adv < 0))
+    return torch.where(clipped | (scale == 0), torch.zeros_like(ratio), -scale * adv * ratio)
+
+
+def _token_logprobs_cpu(hidden, weight, targets, temperature):
+    logp, entropy = ref.token_logprobs(hidden, weight, targets, temperature, return_entropy=True)
+    dtype = _acc_dtype(hidden)
+    target_logit = (hidden.to(dtype) * weight[targets].to(dtype)).sum(-1) / temperature
+    return logp, entropy, target_logit - logp
+
+
+def _token_logprobs_backward_cpu(grad_logp, grad_entropy, hidden, weight, targets, lse, entropy, temperature,
+                                 need_grad_hidden, need_grad_weight):
+    z = _scaled_logits(hidden, weight, temperature)
+    return _softmax_grads(z, hidden, weight, targets, temperature, grad_logp, grad_entropy, need_grad_hidden,
+                          need_grad_weight)
+
+
+def _icepop_policy_loss_cpu(hidden, weight, targets, old_logprobs, rollout_logprobs, advantages, loss_mask,
+                            cu_seqlens, alpha, beta, eps_low, eps_high, temperature, correction, aggregation,
+                            tis_cap, need_grad_hidden, need_grad_weight, grad_weight_acc):
+    loss, metrics = ref.icepop_policy_loss(
+        hidden, weight, targets, old_logprobs, rollout_logprobs, advantages, loss_mask, cu_seqlens, alpha=alpha,
+        beta=beta, eps_low=eps_low, eps_high=eps_high, temperature=temperature, correction=correction,
+        aggregation=aggregation, tis_cap=tis_cap)
+    metrics = torch.stack([metrics[name] for name in ICEPOP_METRICS]).to(loss.dtype)
+    logp = ref.token_logprobs(hidden, weight, targets, temperature)
+    coef = _icepop_coef(logp, old_logprobs, rollout_logprobs, advantages, loss_mask, cu_seqlens, alpha, beta,
+                        eps_low, eps_high, correction, aggregation, tis_cap)
+    grad_hidden, grad_weight = _loss_grads(coef, hidden, weight, targets, temperature, need_grad_hidden,
+                                           need_grad_weight)
+    return loss, metrics, grad_hidden, _into_buffer(grad_weight, grad_weight_acc)
+
+
+def _linear_cross_entropy_cpu(hidden, weight, targets, ignore_index, token_weights, reduction, need_grad_hidden,
+                              need_grad_weight, grad_weight_acc):
+    loss = ref.linear_cross_entropy(hidden, weight, targets, ignore_index, token_weights, reduction)
+    valid = targets != ignore_index
+    scale = valid.to(loss.dtype) if token_weights is None else token_weights.to(loss.dtype) * valid
+    if reduction == "mean":
+        scale = scale / scale.sum().clamp_min(torch.finfo(torch.float32).tiny)
+    safe_targets = torch.where(valid, targets, torch.zeros_like(targets))
+    grad_hidden, grad_weight = _loss_grads(-scale, hidden, weight, safe_targets, 1.0, need_grad_hidden,
+                                           need_grad_weight)
+    return loss, grad_hidden, _into_buffer(grad_weight, grad_weight_acc)
+
+
+def _fake_grads(hidden, weight, need_grad_hidden, need_grad_weight, grad_weight_acc=None):
+    grad_hidden = torch.empty_like(hidden) if need_grad_hidden else hidden.new_empty(0)
+    in_buffer = grad_weight_acc is not None or not need_grad_weight
+    return grad_hidden, weight.new_empty(0) if in_buffer else torch.empty_like(weight)
+
+
+def _register_logprob_ops() -> None:
+    torch.library.register_kernel("ringkern::token_logprobs", "cpu", _token_logprobs_cpu)
+    torch.library.register_kernel("ringkern::token_logprobs_backward", "cpu", _token_logprobs_backward_cpu)
+    torch.library.register_kernel("ringkern::icepop_policy_loss", "cpu", _icepop_policy_loss_cpu)
+    torch.library.register_kernel("ringkern::linear_cross_entropy", "cpu", _linear_cross_entropy_cpu)
+
+    @torch.library.register_fake("ringkern::token_logprobs")
+    def _(hidden, weight, targets, temperature):
+        return tuple(hidden.new_empty(hidden.shape[0], dtype=_acc_dtype(hidden)) for _ in range(3))
+
+    @torch.library.register_fake("ringkern::token_logprobs_backward")
+    def _(grad_logp, grad_entropy, hidden, weight, targets, lse, entropy, temperature, need_grad_hidden,
+          need_grad_weight):
+        return _fake_grads(hidden, weight, need_grad_hidden, need_grad_weight)
+
+    @torch.library.register_fake("ringkern::icepop_policy_loss")
+    def _(hidden, weight, targets, old_logprobs, rollout_logprobs, advantages, loss_mask, cu_seqlens, alpha, beta,
+          eps_low, eps_high, temperature, correction, aggregation, tis_cap, need_grad_hidden, need_grad_weight,
+          grad_weight_acc):
+        loss = hidden.new_empty((), dtype=_acc_dtype(hidden))
+        metrics = hidden.new_empty(len(ICEPOP_METRICS), dtype=_acc_dtype(hidden))
+        return (loss, metrics, *_fake_grads(hidden, weight, need_grad_hidden, need_grad_weight, grad_weight_acc))
+
+    @torch.library.register_fake("ringkern::linear_cross_entropy")
+    def _(hidden, weight, targets, ignore_index, token_weights, reduction, need_grad_hidden, need_grad_weight,
+          grad_weight_acc):
+        loss = hidden.new_empty((), dtype=_acc_dtype(hidden))
+        return (loss, *_fake_grads(hidden, weight, need_grad_hidden, need_grad_weight, grad_weight_acc))
+
+    def setup_context(ctx, inputs, output):
+        hidden, weight, targets, temperature = inputs
+        _, entropy, lse = output
+        ctx.save_for_backward(hidden, weight, targets, lse, entropy)
+        ctx.temperature = temperature
+
+    def backward(ctx, grad_logp, grad_entropy, _grad_lse):
+        hidden, weight, targets, lse, entropy = ctx.saved_tensors
+        need_hidden, need_weight = ctx.needs_input_grad[:2]
+        grad_hidden, grad_weight = torch.ops.ringkern.token_logprobs_backward(
+            grad_logp.contiguous(), grad_entropy.contiguous(), hidden, weight, targets, lse, entropy,
+            ctx.temperature, need_hidden, need_weight)
+        return grad_hidden if need_hidden else None, grad_weight if need_weight else None, None, None
+
+    torch.library.register_autograd("ringkern::token_logprobs", backward, setup_context=setup_context)
+
+
+def _register_attach_grads() -> None:
+    def attach_grads(loss, hidden, weight, grad_hidden, grad_weight, weight_grad_in_buffer):
+        return loss.clone()
+
+    for device in ("cpu", "cuda"):
+        torch.library.register_kernel("ringkern::attach_grads", device, attach_grads)
+
+    @torch.library.register_fake("ringkern::attach_grads")
+    def _(loss, hidden, weight, grad_hidden, grad_weight, weight_grad_in_buffer):
+        return torch.empty_like(loss)
+
+    def setup_context(ctx, inputs, output):
+        _, _, _, grad_hidden, grad_weight, weight_grad_in_buffer = inputs
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_grad_in_buffer = weight_grad_in_buffer
+
+    def backward(ctx, grad):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        if ctx.weight_grad_in_buffer:
+            # The buffer already holds d(loss)/d(weight): only an upstream gradient of 1 keeps it right.
+            torch._assert_async(grad == 1, "ringkern: grad_weight_buffer needs the loss backpropagated with "
+                                           "gradient 1 (scale the loss's inputs instead)")
+        # A gradient that was not computed comes as a 1-D [0] placeholder (the real ones are [T, H] / [V, H]).
+        scaled_hidden = grad_hidden * grad if grad_hidden.dim() == 2 else None
+        scaled_weight = grad_weight * grad if grad_weight.dim() == 2 else None
+        return None, scaled_hidden, scaled_weight, None, None, None
+
+    torch.library.register_autograd("ringkern::attach_grads", backward, setup_context=setup_context)
+
+
+_register_logprob_ops()
+_register_attach_grads()

@@ -3,12 +3,11 @@
 A CUDA graph can only capture work that never waits for the host. The references in
 :mod:`ringkern.ops.reference` sync in two places that matter for decoding: ``torch.bincount`` (the CUDA
 kernel reads the input's max back to size its output) and the per-expert loop of ``moe_experts``
-(``.tolist()`` of the counts). The functions here compute the same math without either:
+(``.tolist()`` of the counts). Routing needs nothing here: ``ops.moe_route`` is one sync-free kernel
+on CUDA. The functions here compute the rest without a sync:
 
-- ``moe_route``: the reference routing, with the counts accumulated by ``scatter_add_`` on CUDA
-  (``moe_route_sync_free``; the CPU keeps the reference).
-- ``moe_experts``: on CUDA with bf16 weights on sm90/sm100, ``torch._grouped_mm`` over expert-sorted
-  rows with offsets computed on the device; on other CUDA setups, a gathered-weights formulation
+- ``moe_experts``: on CUDA with bf16 weights, ``ops.moe_experts`` (the capturable grouped-GEMM kernels
+  of ``csrc/moe``); for other CUDA dtypes, a gathered-weights formulation
   (each (token, expert) pair gathers its expert's matrices and runs a batched matmul) for decode-sized
   calls and under capture, chunked so its workspace stays bounded; on the CPU, where syncs cost
   nothing, the reference itself.
@@ -24,6 +23,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .. import ops
 from . import reference
 
 # Bytes of gathered expert weights one chunk of the gathered formulation may allocate.
@@ -33,85 +33,17 @@ _GATHER_WORKSPACE_BYTES = 1 << 28
 _GATHER_MAX_PAIRS = 512
 
 
-def moe_route(router_logits: torch.Tensor, expert_bias: torch.Tensor, *, n_group: int, topk_group: int,
-              top_k: int, routed_scaling_factor: float, renormalize: bool = True,
-              expert_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``reference.moe_route`` without a host sync on CUDA: same signature, same results (ids exactly equal)."""
-    route = moe_route_sync_free if router_logits.is_cuda else reference.moe_route
-    return route(router_logits, expert_bias, n_group=n_group, topk_group=topk_group, top_k=top_k,
-                 routed_scaling_factor=routed_scaling_factor, renormalize=renormalize, expert_ids=expert_ids)
-
-
-def moe_route_sync_free(router_logits: torch.Tensor, expert_bias: torch.Tensor, *, n_group: int,
-                        topk_group: int, top_k: int, routed_scaling_factor: float, renormalize: bool = True,
-                        expert_ids: torch.Tensor | None = None
-                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The reference routing math on any device, with the counts from :func:`expert_counts`."""
-    T, E = router_logits.shape
-    scores = torch.sigmoid(router_logits.float())  # [T, E]
-    if expert_ids is None:
-        biased = scores + expert_bias.float()
-        group_scores = biased.view(T, n_group, E // n_group).topk(2, dim=-1).values.sum(-1)  # [T, n_group]
-        kept = reference._sorted_topk_indices(group_scores, topk_group)  # [T, topk_group]
-        group_keep = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, kept, True)
-        expert_keep = group_keep.unsqueeze(-1).expand(T, n_group, E // n_group).reshape(T, E)
-        masked = biased.masked_fill(~expert_keep, float("-inf"))
-        expert_ids = reference._sorted_topk_indices(masked, top_k)
-    ids = expert_ids.long()
-    weights = scores.gather(1, ids)
-    if renormalize:
-        weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
-    weights = weights * routed_scaling_factor
-    return weights, ids.to(torch.int32), expert_counts(ids, E)
-
-
-def expert_counts(expert_ids: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Tokens routed to each expert, [E] int32, from ids [T, k] (scatter-add: no host sync)."""
-    flat = expert_ids.reshape(-1).long()
-    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat.device)
-    return counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
-
-
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
                 gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
     """``reference.moe_experts`` without a host sync on CUDA (same signature and math, see the module doc).
 
     x: [T, H]; weights: [T, k] fp32; expert_ids: [T, k]; gate_up_proj: [E, 2I, H]; down_proj: [E, H, I].
     """
-    if not x.is_cuda:
-        return reference.moe_experts(x, weights, expert_ids, gate_up_proj, down_proj)
-    if grouped_mm_supported(x, gate_up_proj):
-        return moe_experts_grouped(x, weights, expert_ids, gate_up_proj, down_proj)
+    if not x.is_cuda or x.dtype == gate_up_proj.dtype == down_proj.dtype == torch.bfloat16:
+        return ops.moe_experts(x, weights, expert_ids, gate_up_proj, down_proj)  # bf16 CUDA: capturable kernels
     if expert_ids.numel() > _GATHER_MAX_PAIRS and not torch.cuda.is_current_stream_capturing():
         return reference.moe_experts(x, weights, expert_ids, gate_up_proj, down_proj)
     return moe_experts_gathered(x, weights, expert_ids, gate_up_proj, down_proj)
-
-
-def grouped_mm_supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` runs its device kernel (no host sync) for these operands.
-
-    Its fallback (other dtypes, other GPUs) reads the offsets back to the host, so it is not used there.
-    """
-    if not (hasattr(torch, "_grouped_mm") and x.is_cuda and x.dtype == weight.dtype == torch.bfloat16):
-        return False
-    return torch.cuda.get_device_capability(x.device)[0] in (9, 10)
-
-
-def moe_experts_grouped(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
-                        gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
-    """Routed experts as two ``torch._grouped_mm`` calls over (token, expert) pairs sorted by expert."""
-    T, H = x.shape
-    E, two_i, _ = gate_up_proj.shape
-    k = expert_ids.shape[1]
-    flat_ids = expert_ids.reshape(-1).long()  # [T k]
-    order = torch.argsort(flat_ids, stable=True)  # pairs grouped by expert
-    offsets = torch.cumsum(expert_counts(flat_ids, E), 0, dtype=torch.int32)  # [E] end of each group
-    x_sorted = x[order // k]  # [T k, H]
-    gate_up = torch._grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offs=offsets)  # [T k, 2I]
-    gate, up = gate_up.split(two_i // 2, dim=-1)
-    y_sorted = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offsets)  # [T k, H]
-    y_pairs = torch.empty_like(y_sorted).index_copy_(0, order, y_sorted)  # back to (token, j) order
-    return _combine(y_pairs.view(T, k, H), weights, x.dtype)
 
 
 def moe_experts_gathered(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,

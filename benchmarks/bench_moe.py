@@ -1,0 +1,179 @@
+"""Routed-expert MoE path at Ring-flash-2.0 shapes (H=4096, I=1024, E=256, top-8, 8 groups keep 4, bf16).
+
+Times, in one process, the path from hidden states to the combined routed output, router included:
+- ringkern: fp32 gate GEMM (cuBLAS) -> ops.moe_route (fused kernel) -> ops.moe_experts (sync-free);
+- grouped_mm: the torch._grouped_mm pipeline of shared/PERF.md (reference routing, argsort, gather,
+  two grouped GEMMs, silu*up, index_add);
+- loop: the per-expert loop (reference.moe_experts, HF style), small T only.
+Also moe_route against its PyTorch reference, and forward+backward at T=16384.
+FLOPs = 6*T*k*H*I (forward); bytes = expert weights touched (distinct experts hit) in bf16.
+Ceilings: 758 TFLOP/s (cuBLAS bf16, measured) and 4.3 TB/s (device copy, measured); see shared/PERF.md.
+Prints a table; writes JSON to $OUT/bench_moe.json when OUT is set.
+Usage: python benchmarks/bench_moe.py [--tokens 1 64 ...] [--reps N]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+
+import torch
+import torch.nn.functional as F
+
+from ringkern import ops
+from ringkern.ops import reference as ref
+
+H, I, E, K = 4096, 1024, 256, 8
+ROUTE = dict(n_group=8, topk_group=4, top_k=K, routed_scaling_factor=2.5)
+PEAK_FLOPS, PEAK_BW = 758e12, 4.3e12
+
+
+def timed(fn, reps: int, warmup: int = 2) -> float:
+    """Median milliseconds of fn() over reps, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def grouped_mm_experts(x, weights, expert_ids, gate_up_proj, down_proj):
+    """The PERF.md baseline: argsort, gather, grouped GEMM, silu*up, grouped GEMM, weighted index_add."""
+    T, k = expert_ids.shape
+    flat = expert_ids.reshape(-1).long()
+    order = torch.argsort(flat, stable=True)
+    token = order // k
+    counts = torch.zeros(gate_up_proj.shape[0], dtype=torch.int32, device=x.device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
+    offsets = counts.cumsum(0, dtype=torch.int32)
+    gate_up = torch._grouped_mm(x[token], gate_up_proj.transpose(1, 2), offs=offsets)
+    gate, up = gate_up.chunk(2, dim=-1)
+    y_sorted = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offsets)
+    y = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
+    y.index_add_(0, token, y_sorted.float() * weights.reshape(-1)[order].unsqueeze(-1))
+    return y.to(x.dtype)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 512, 4096, 16384, 65536])
+    parser.add_argument("--reps", type=int, default=10)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    dev = "cuda"
+    gate_up = (torch.randn(E, 2 * I, H, device=dev) * 0.02).bfloat16()
+    down = (torch.randn(E, H, I, device=dev) * 0.02).bfloat16()
+    router = torch.randn(E, H, device=dev) * 0.02
+    bias = torch.zeros(E, device=dev)
+    expert_bytes = (2 * I * H + H * I) * 2
+    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    rows, results = [], {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
+
+    def ours(x):
+        w, ids, _ = ops.moe_route(x.float() @ router.t(), bias, **ROUTE)
+        return ops.moe_experts(x, w, ids, gate_up, down)
+
+    def baseline(x):
+        w, ids, _ = ref.moe_route(x.float() @ router.t(), bias, **ROUTE)
+        return grouped_mm_experts(x, w, ids, gate_up, down)
+
+    def loop(x):
+        w, ids, _ = ref.moe_route(x.float() @ router.t(), bias, **ROUTE)
+        return ref.moe_experts(x, w, ids, gate_up, down)
+
+    for T in args.tokens:
+        xs = [torch.randn(T, H, device=dev).bfloat16() for _ in range(2)]
+        it = iter(range(1 << 30))
+        pick = lambda: xs[next(it) % len(xs)]  # noqa: E731  (rotate inputs)
+        reps = args.reps if T <= 16384 else max(3, args.reps // 3)
+        with torch.no_grad():
+            logits = xs[0].float() @ router.t()
+            _, ids, counts = ops.moe_route(logits, bias, **ROUTE)
+            touched = int((counts > 0).sum().item())
+            y_ours, y_base = ours(xs[0]), baseline(xs[0])
+            agree = ((y_ours.float() - y_base.float()).norm() / y_base.float().norm()).item()
+            t_ours = timed(lambda: ours(pick()), reps)
+            t_paths = {}
+            if T <= 4096:  # both expert paths: torch._grouped_mm and the few-rows kernels
+                for name, slots in (("grouped", "0"), ("small", str(1 << 30))):
+                    os.environ["RINGKERN_MOE_SMALL_SLOTS"] = slots
+                    t_paths[name] = timed(lambda: ours(pick()), reps)
+                os.environ.pop("RINGKERN_MOE_SMALL_SLOTS")
+            t_base = timed(lambda: baseline(pick()), reps)
+            t_loop = timed(lambda: loop(pick()), 3, warmup=1) if T <= 512 else None
+            t_route = timed(lambda: ops.moe_route(logits, bias, **ROUTE), reps)
+            t_route_ref = timed(lambda: ref.moe_route(logits, bias, **ROUTE), reps)
+        flops = 6 * T * K * H * I
+        nbytes = touched * expert_bytes
+        floor = max(flops / PEAK_FLOPS, nbytes / PEAK_BW) * 1e3
+        run = dict(T=T, ms=t_ours, tflops=flops / t_ours / 1e9, gbps=nbytes / t_ours / 1e6,
+                   pct_flops=100 * flops / t_ours / 1e9 / (PEAK_FLOPS / 1e12),
+                   pct_bw=100 * nbytes / t_ours / 1e6 / (PEAK_BW / 1e9), floor_ms=floor,
+                   grouped_mm_ms=t_base, speedup_vs_grouped_mm=t_base / t_ours,
+                   loop_ms=t_loop, route_ms=t_route, route_ref_ms=t_route_ref,
+                   route_speedup=t_route_ref / t_route, experts_touched=touched, rel_diff_vs_baseline=agree,
+                   path_ms=t_paths)
+        results["runs"].append(run)
+        rows.append(run)
+        print(f"T={T:6d} ours {t_ours:8.3f} ms  grouped_mm {t_base:8.3f} ms  x{t_base / t_ours:5.2f}  "
+              f"{run['tflops']:6.1f} TFLOP/s ({run['pct_flops']:4.1f}%)  {run['gbps']:7.1f} GB/s "
+              f"({run['pct_bw']:4.1f}%)  floor {floor:.3f} ms  route {t_route * 1e3:7.1f} us vs "
+              f"{t_route_ref * 1e3:7.1f} us (x{run['route_speedup']:.1f})"
+              + (f"  loop {t_loop:.2f} ms" if t_loop else "") + f"  diff {agree:.1e}"
+              + "".join(f"  [{k} {v:.3f} ms]" for k, v in t_paths.items()), flush=True)
+
+    # forward + backward at T=16384: FLOPs 3x the forward
+    T = 16384
+    if T in args.tokens:
+        params = [t.requires_grad_() for t in (gate_up, down, router)]
+        x = torch.randn(T, H, device=dev).bfloat16().requires_grad_()
+        grad = torch.randn(T, H, device=dev).bfloat16()
+
+        def fwd_bwd(fn):
+            y = fn(x)
+            torch.autograd.grad(y, [x, *params], grad)
+
+        t_fb = timed(lambda: fwd_bwd(ours), max(3, args.reps // 2))
+        t_fb_base = timed(lambda: fwd_bwd(baseline), max(3, args.reps // 2))
+        flops = 3 * 6 * T * K * H * I
+        results["fwd_bwd"] = dict(T=T, ms=t_fb, tflops=flops / t_fb / 1e9, grouped_mm_ms=t_fb_base,
+                                  speedup_vs_grouped_mm=t_fb_base / t_fb)
+        print(f"fwd+bwd T={T}: ours {t_fb:.2f} ms ({flops / t_fb / 1e9:.1f} TFLOP/s), grouped_mm {t_fb_base:.2f} ms "
+              f"(x{t_fb_base / t_fb:.2f})", flush=True)
+
+    # where the time goes at T=16384 (forward), from the profiler's kernel totals
+    if 16384 in args.tokens:
+        try:
+            x = torch.randn(16384, H, device=dev).bfloat16()
+            with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                for _ in range(3):
+                    ours(x)
+                torch.cuda.synchronize()
+            table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=12, max_name_column_width=60)
+            print(table)
+            results["profile_T16384"] = table
+        except Exception as err:  # the profiler is a diagnostic only
+            print(f"profiler unavailable: {err}")
+
+    print("\n| T | ms | TFLOP/s | % 758 | GB/s | % 4.3 TB/s | floor ms | grouped_mm ms | speedup | loop ms "
+          "| route us | route ref us |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        loop_ms = f"{r['loop_ms']:.1f}" if r["loop_ms"] else "-"
+        print(f"| {r['T']} | {r['ms']:.3f} | {r['tflops']:.1f} | {r['pct_flops']:.1f} | {r['gbps']:.0f} | "
+              f"{r['pct_bw']:.1f} | {r['floor_ms']:.3f} | {r['grouped_mm_ms']:.3f} | {r['speedup_vs_grouped_mm']:.2f} "
+              f"| {loop_ms} | {r['route_ms'] * 1e3:.1f} | {r['route_ref_ms'] * 1e3:.1f} |")
+    if os.environ.get("OUT"):
+        with open(os.path.join(os.environ["OUT"], "bench_moe.json"), "w") as f:
+            json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,341 @@
+// Chunked linear + softmax over the vocabulary: the fused row kernel, the exact target-logit kernel and the
+// chunk loop that drives them between cuBLAS GEMMs (see chunked_softmax.h for the data flow).
+#include "chunked_softmax.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/util/BFloat16.h>
+
+#include <cublas_v2.h>
+
+#include <algorithm>
+#include <cstdlib>
+#include <limits>
+#include <type_traits>
+
+namespace ringkern::logprob {
+namespace {
+
+constexpr int kRowThreads = 512;
+constexpr int kRowWarps = kRowThreads / 32;
+constexpr int kTargetWarps = 4;
+// Bytes of one chunk's logits buffer: the only [rows, V] allocation of a pass.
+constexpr int64_t kLogitsBudgetBytes = int64_t{5} << 28;  // 1.25 GiB
+constexpr int64_t kChunkRowAlign = 128;                   // GEMM-friendly chunk heights
+constexpr int64_t kLdAlign = 8;                           // logits row stride: 16-byte aligned rows
+
+// 16-byte packs of T read and written by the row kernel.
+template <typename T>
+struct alignas(16) Pack {
+  static constexpr int kN = 16 / sizeof(T);
+  T v[kN];
+};
+
+template <typename T>
+__device__ __forceinline__ void load_scaled(const T* p, float inv_temp, float (&z)[Pack<T>::kN]) {
+  Pack<T> pack;
+  *reinterpret_cast<uint4*>(&pack) = *reinterpret_cast<const uint4*>(p);
+#pragma unroll
+  for (int k = 0; k < Pack<T>::kN; ++k) z[k] = static_cast<float>(pack.v[k]) * inv_temp;
+}
+
+template <typename T>
+__device__ __forceinline__ void store_pack(T* p, const float (&d)[Pack<T>::kN]) {
+  Pack<T> pack;
+#pragma unroll
+  for (int k = 0; k < Pack<T>::kN; ++k) pack.v[k] = static_cast<T>(d[k]);
+  *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(&pack);
+}
+
+// Online softmax statistics of a set of scaled logits z: m = max (or a -1e30 sentinel when empty),
+// s = sum exp(z - m), t = sum exp(z - m) * (z - m). Then lse = m + log s and entropy = log s - t / s.
+struct SoftmaxStats {
+  float m = -1e30f;
+  float s = 0.f;
+  float t = 0.f;
+};
+
+// Rescaling with the sentinel is safe: exp(-1e30 - x) = 0 and the (m - M) * s term is 0 * finite.
+__device__ __forceinline__ SoftmaxStats merge(const SoftmaxStats& a, const SoftmaxStats& b) {
+  const float m = fmaxf(a.m, b.m);
+  const float da = a.m - m, db = b.m - m;
+  const float ea = __expf(da), eb = __expf(db);
+  return {m, a.s * ea + b.s * eb, ea * fmaf(da, a.s, a.t) + eb * fmaf(db, b.s, b.t)};
+}
+
+template <int N>
+__device__ __forceinline__ void accumulate(SoftmaxStats& st, const float (&z)[N]) {
+  float vmax = z[0];
+#pragma unroll
+  for (int k = 1; k < N; ++k) vmax = fmaxf(vmax, z[k]);
+  if (vmax > st.m) {
+    const float d = st.m - vmax, scale = __expf(d);
+    st.t = scale * fmaf(d, st.s, st.t);
+    st.s *= scale;
+    st.m = vmax;
+  }
+#pragma unroll
+  for (int k = 0; k < N; ++k) {
+    const float d = z[k] - st.m, e = __expf(d);
+    st.s += e;
+    st.t = fmaf(e, d, st.t);
+  }
+}
+
+// Merges the statistics of the whole block; every thread gets the same result (fixed merge order).
+__device__ SoftmaxStats block_merge(SoftmaxStats st, SoftmaxStats* scratch) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const SoftmaxStats other{__shfl_xor_sync(0xffffffffu, st.m, offset), __shfl_xor_sync(0xffffffffu, st.s, offset),
+                             __shfl_xor_sync(0xffffffffu, st.t, offset)};
+    st = merge(st, other);
+  }
+  if (threadIdx.x % 32 == 0) scratch[threadIdx.x / 32] = st;
+  __syncthreads();
+  SoftmaxStats total = scratch[0];
+  for (int w = 1; w < kRowWarps; ++w) total = merge(total, scratch[w]);
+  return total;
+}
+
+// Statistics of one row of V logits (row start 16-byte aligned), scaled by inv_temp.
+template <typename T>
+__device__ SoftmaxStats row_stats(const T* x, int64_t vocab, float inv_temp) {
+  constexpr int N = Pack<T>::kN;
+  SoftmaxStats st;
+  const int64_t n_packs = vocab / N;
+#pragma unroll 4
+  for (int64_t i = threadIdx.x; i < n_packs; i += kRowThreads) {
+    float z[N];
+    load_scaled(x + i * N, inv_temp, z);
+    accumulate(st, z);
+  }
+  const int64_t tail = n_packs * N + threadIdx.x;
+  if (tail < vocab) {
+    const float z[1] = {static_cast<float>(x[tail]) * inv_temp};
+    accumulate(st, z);
+  }
+  return st;
+}
+
+// Overwrites a row of logits with d/d(logits) of a*logp + b*entropy (each times inv_temp):
+// d_i = inv_temp * (a * (onehot_i - p_i) - b * p_i * (z_i - mean_z)), p_i = exp(z_i - lse).
+template <typename T>
+__device__ void write_row_grad(T* x, int64_t vocab, int64_t target, float inv_temp, float lse, float mean_z,
+                               float a, float b) {
+  constexpr int N = Pack<T>::kN;
+  const float ca = a * inv_temp, cb = b * inv_temp;
+  const int64_t n_packs = vocab / N;
+  const bool zero = ca == 0.f && cb == 0.f;
+#pragma unroll 4
+  for (int64_t i = threadIdx.x; i < n_packs; i += kRowThreads) {
+    float d[N];
+    if (zero) {
+#pragma unroll
+      for (int k = 0; k < N; ++k) d[k] = 0.f;
+    } else {
+      float z[N];
+      load_scaled(x + i * N, inv_temp, z);
+#pragma unroll
+      for (int k = 0; k < N; ++k) {
+        const float p = __expf(z[k] - lse);
+        d[k] = -p * fmaf(cb, z[k] - mean_z, ca);
+        if (i * N + k == target) d[k] += ca;
+      }
+    }
+    store_pack(x + i * N, d);
+  }
+  const int64_t tail = n_packs * N + threadIdx.x;
+  if (tail < vocab) {
+    const float z = static_cast<float>(x[tail]) * inv_temp;
+    float d = zero ? 0.f : -__expf(z - lse) * fmaf(cb, z - mean_z, ca);
+    if (tail == target) d += ca;
+    x[tail] = static_cast<T>(d);
+  }
+}
+
+__device__ __forceinline__ float token_coef(const TokenCoef& c, int64_t t, float logp) {
+  const float scale = c.scale[t];
+  if (scale == 0.f) return 0.f;
+  if (c.kind == CoefKind::kLinear) return -scale;
+  const float adv = c.advantage[t];
+  const float ratio = expf(logp - c.old_logp[t]);
+  const bool clipped = (adv > 0.f && ratio > c.ratio_high) || (adv < 0.f && ratio < c.ratio_low);
+  return clipped ? 0.f : -scale * adv * ratio;
+}
+
+struct RowArgs {
+  int64_t vocab, ld, row0;  // row0: token index of the chunk's first row
+  float inv_temp;
+  RowMode mode;
+  const int64_t* targets;
+  const float* target_logit;  // [T] exact fp32 target logits, already scaled (stats modes)
+  float *logp, *entropy, *lse;
+  TokenCoef coef;
+  const float *grad_logp, *grad_entropy;
+};
+
+// One block per row of the chunk.
+template <typename T>
+__global__ void __launch_bounds__(kRowThreads) softmax_rows_kernel(T* logits, RowArgs args) {
+  __shared__ SoftmaxStats scratch[kRowWarps];
+  const int64_t row = blockIdx.x, t = args.row0 + row;
+  T* x = logits + row * args.ld;
+  float lse, mean_z, a, b = 0.f;
+  if (args.mode == RowMode::kGrad) {
+    lse = args.lse[t];
+    mean_z = lse - args.entropy[t];
+    a = args.grad_logp[t];
+    b = args.grad_entropy[t];
+  } else {
+    const SoftmaxStats st = block_merge(row_stats(x, args.vocab, args.inv_temp), scratch);
+    const float log_s = logf(st.s), entropy = log_s - st.t / st.s;
+    lse = st.m + log_s;
+    mean_z = lse - entropy;
+    const float logp = args.target_logit[t] - lse;
+    if (threadIdx.x == 0) {
+      args.logp[t] = logp;
+      args.entropy[t] = entropy;
+      args.lse[t] = lse;
+    }
+    if (args.mode == RowMode::kStats) return;
+    a = token_coef(args.coef, t, logp);
+  }
+  write_row_grad(x, args.vocab, args.targets[t], args.inv_temp, lse, mean_z, a, b);
+}
+
+// out[t] = dot(hidden[t], weight[targets[t]]) * inv_temp in fp32: the target logit without the rounding
+// of the logits buffer (which is in the inputs' dtype). One warp per token.
+template <typename T>
+__global__ void target_logit_kernel(const T* __restrict__ hidden, const T* __restrict__ weight,
+                                    const int64_t* __restrict__ targets, float* __restrict__ out, int64_t tokens,
+                                    int64_t hidden_size, float inv_temp) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kTargetWarps + threadIdx.x / 32;
+  if (t >= tokens) return;
+  const T* h = hidden + t * hidden_size;
+  const T* w = weight + targets[t] * hidden_size;
+  float acc = 0.f;
+  for (int64_t j = threadIdx.x % 32; j < hidden_size; j += 32) {
+    acc = fmaf(static_cast<float>(h[j]), static_cast<float>(w[j]), acc);
+  }
+  for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+  if (threadIdx.x % 32 == 0) out[t] = acc * inv_temp;
+}
+
+int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
+
+// Rows per chunk: as many as the logits budget allows (or RINGKERN_LOGPROB_MAX_CHUNK_ROWS, which tests use
+// to force many chunks on small inputs), balanced over the chunks, GEMM-aligned.
+int64_t chunk_rows(int64_t tokens, int64_t ld, int64_t elem_size) {
+  int64_t max_rows = std::max<int64_t>(1, kLogitsBudgetBytes / (ld * elem_size));
+  if (const char* cap = std::getenv("RINGKERN_LOGPROB_MAX_CHUNK_ROWS")) {
+    max_rows = std::clamp<int64_t>(std::atoll(cap), 1, max_rows);
+  }
+  const int64_t align = max_rows >= kChunkRowAlign ? kChunkRowAlign : 1;
+  max_rows = max_rows / align * align;
+  const int64_t n_chunks = ceil_div(tokens, max_rows);
+  return std::min(tokens, round_up(ceil_div(tokens, n_chunks), align));
+}
+
+template <typename T>
+constexpr cudaDataType_t cuda_dtype() {
+  return std::is_same_v<T, float> ? CUDA_R_32F : CUDA_R_16BF;
+}
+
+int blas_int(int64_t v, const char* what) {
+  TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "ringkern: GEMM ", what, " = ", v,
+              " exceeds cuBLAS's 32-bit sizes");
+  return static_cast<int>(v);
+}
+
+// C (+)= op(A) @ op(B) in column-major terms on row-major buffers (each call site spells its shapes),
+// fp32 accumulation, on the current stream through ATen's cuBLAS handle. cuBLAS is called directly: the
+// at::cuda::blas templates are not exported from libtorch_cuda.
+template <typename T, typename C>
+void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+          float beta, C* c, int64_t ldc) {
+  const float alpha = 1.f;
+  const cublasStatus_t status = cublasGemmEx(
+      at::cuda::getCurrentCUDABlasHandle(), ta == 't' ? CUBLAS_OP_T : CUBLAS_OP_N,
+      tb == 't' ? CUBLAS_OP_T : CUBLAS_OP_N, blas_int(m, "m"), blas_int(n, "n"), blas_int(k, "k"), &alpha, a,
+      cuda_dtype<T>(), blas_int(lda, "lda"), b, cuda_dtype<T>(), blas_int(ldb, "ldb"), &beta, c, cuda_dtype<C>(),
+      blas_int(ldc, "ldc"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "ringkern: cublasGemmEx failed with status ", static_cast<int>(status));
+}
+
+// grad_weight [V, H] (+)= D^T [V, rows] @ hidden [rows, H], in fp32 or in the inputs' dtype.
+template <typename T>
+void grad_weight_gemm(const PassArgs& p, const T* h, const T* d, int64_t rows, int64_t ld, float beta) {
+  const int64_t H = p.hidden.size(1), V = p.weight.size(0);
+  if (p.grad_weight.scalar_type() == at::kFloat && !std::is_same_v<T, float>) {
+    gemm<T, float>('n', 't', H, V, rows, h, H, d, ld, beta, p.grad_weight.data_ptr<float>(), H);
+  } else {
+    gemm<T, T>('n', 't', H, V, rows, h, H, d, ld, beta, p.grad_weight.data_ptr<T>(), H);
+  }
+}
+
+template <typename T>
+void run_pass_typed(const PassArgs& p) {
+  const int64_t tokens = p.hidden.size(0), H = p.hidden.size(1), V = p.weight.size(0);
+  const int64_t ld = round_up(V, kLdAlign);
+  const int64_t rows = chunk_rows(tokens, ld, sizeof(T));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const T* hidden = p.hidden.data_ptr<T>();
+  const T* weight = p.weight.data_ptr<T>();
+  const float inv_temp = static_cast<float>(1.0 / p.temperature);
+  const bool grads = p.mode != RowMode::kStats;
+
+  RowArgs args{V, ld, 0, inv_temp, p.mode, p.targets.data_ptr<int64_t>(), nullptr, nullptr, nullptr, nullptr,
+               p.coef, nullptr, nullptr};
+  at::Tensor target_logit;
+  if (p.mode == RowMode::kGrad) {
+    args.grad_logp = p.grad_logp.data_ptr<float>();
+    args.grad_entropy = p.grad_entropy.data_ptr<float>();
+    args.entropy = p.entropy.data_ptr<float>();
+    args.lse = p.lse.data_ptr<float>();
+  } else {
+    target_logit = at::empty({tokens}, p.hidden.options().dtype(at::kFloat));
+    target_logit_kernel<T><<<ceil_div(tokens, kTargetWarps), kTargetWarps * 32, 0, stream>>>(
+        hidden, weight, args.targets, target_logit.data_ptr<float>(), tokens, H, inv_temp);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    args.target_logit = target_logit.data_ptr<float>();
+    args.logp = p.logp.data_ptr<float>();
+    args.entropy = p.entropy.data_ptr<float>();
+    args.lse = p.lse.data_ptr<float>();
+  }
+
+  auto buffer = at::empty({rows, ld}, p.hidden.options());
+  T* logits = buffer.data_ptr<T>();
+  for (int64_t start = 0; start < tokens; start += rows) {
+    const int64_t n = std::min(rows, tokens - start);
+    const T* h = hidden + start * H;
+    // logits [n, V] = h [n, H] @ weight^T
+    gemm<T, T>('t', 'n', V, n, H, weight, H, h, H, 0.f, logits, ld);
+    args.row0 = start;
+    softmax_rows_kernel<T><<<n, kRowThreads, 0, stream>>>(logits, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (!grads) continue;
+    if (p.grad_hidden.defined()) {
+      // grad_hidden [n, H] = D [n, V] @ weight [V, H]
+      gemm<T, T>('n', 'n', H, n, V, weight, H, logits, ld, 0.f, p.grad_hidden.data_ptr<T>() + start * H, H);
+    }
+    if (p.grad_weight.defined()) {
+      grad_weight_gemm<T>(p, h, logits, n, ld, (p.accumulate_grad_weight || start > 0) ? 1.f : 0.f);
+    }
+  }
+}
+
+}  // namespace
+
+void run_chunked_pass(const PassArgs& args) {
+  const bool grads = args.mode != RowMode::kStats;
+  if (args.hidden.size(0) == 0) {
+    if (grads && args.grad_weight.defined() && !args.accumulate_grad_weight) args.grad_weight.zero_();
+    return;
+  }
+  if (args.hidden.scalar_type() == at::kBFloat16) {
+    run_pass_typed<c10::BFloat16>(args);
+  } else {
+    run_pass_typed<float>(args);
+  }
+}
+
+}  // namespace ringkern::logprob

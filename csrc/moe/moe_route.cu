@@ -1,0 +1,441 @@
+// MoE router and dispatch kernels: fused sigmoid group-limited top-k routing (one warp per token), its
+// backward, and the on-device stable sort of token slots by expert (counts, offsets, permutation).
+//
+// Tie-breaking matches ringkern.ops.reference.moe_route: among equal scores the lower group / expert
+// index wins, and the k experts come out in descending biased score. Every kernel here is deterministic
+// (integer atomics only) and none needs the host to read device memory, so all of it can be graph-captured.
+#include "moe.h"
+
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <cub/block/block_scan.cuh>
+#include <torch/library.h>
+
+#include <climits>
+
+#include "../common/check.h"
+
+namespace ringkern {
+namespace {
+
+constexpr int kRouteWarps = 8;  // tokens in flight per block
+constexpr unsigned kFull = 0xffffffffu;
+
+// The same formula as ATen's CUDA sigmoid (no fast math), so scores are bitwise those of torch.sigmoid.
+__device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
+
+// "a beats b": larger value, or equal value and lower index.
+__device__ __forceinline__ bool beats(float va, int ia, float vb, int ib) {
+  return va > vb || (va == vb && ia < ib);
+}
+
+// Warp-wide argmax of (value, index) with lower-index tie-breaking; `payload` travels with the winner.
+__device__ __forceinline__ void warp_argmax(float& v, int& i, float& payload) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float ov = __shfl_xor_sync(kFull, v, offset);
+    const int oi = __shfl_xor_sync(kFull, i, offset);
+    const float op = __shfl_xor_sync(kFull, payload, offset);
+    if (beats(ov, oi, v, i)) {
+      v = ov;
+      i = oi;
+      payload = op;
+    }
+  }
+}
+
+// One warp per token; lane l holds experts l, l+32, ... (kPerLane of them, E <= 32*kPerLane).
+// Per-block histogram of the chosen experts in shared memory, flushed to `counts` with one atomic per bin.
+template <int kPerLane>
+__global__ void __launch_bounds__(kRouteWarps * 32)
+moe_route_kernel(const float* __restrict__ logits, const float* __restrict__ bias,
+                 const int32_t* __restrict__ replay_ids32, const int64_t* __restrict__ replay_ids64,
+                 float* __restrict__ weights, int32_t* __restrict__ ids_out, int32_t* __restrict__ counts,
+                 int T, int E, int n_group, int topk_group, int top_k, float scale, bool renormalize) {
+  extern __shared__ int smem[];
+  int* hist = smem;                                             // [E]
+  float* biased_all = reinterpret_cast<float*>(smem + E);       // [kRouteWarps][E]
+  float* gscore_all = biased_all + kRouteWarps * E;             // [kRouteWarps][n_group]
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  float* biased_sh = biased_all + warp * E;
+  float* gscore = gscore_all + warp * n_group;
+  const bool replay = replay_ids32 != nullptr || replay_ids64 != nullptr;
+  const int group_size = E / n_group;
+
+  for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
+  __syncthreads();
+
+  for (int t = blockIdx.x * kRouteWarps + warp; t < T; t += gridDim.x * kRouteWarps) {
+    const float* row = logits + static_cast<int64_t>(t) * E;
+    int my_id = 0;        // lane j < top_k: the j-th chosen expert
+    float my_score = 0.f; // and its unbiased score
+    if (replay) {
+      if (lane < top_k) {
+        const int64_t off = static_cast<int64_t>(t) * top_k + lane;
+        my_id = replay_ids32 ? replay_ids32[off] : static_cast<int>(replay_ids64[off]);
+        CUDA_KERNEL_ASSERT(my_id >= 0 && my_id < E && "moe_route: replayed expert id out of range");
+        my_score = sigmoidf(row[my_id]);
+      }
+    } else {
+      float score[kPerLane], value[kPerLane];
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        const int e = lane + 32 * j;
+        if (e < E) {
+          score[j] = sigmoidf(row[e]);
+          value[j] = score[j] + bias[e];
+          biased_sh[e] = value[j];
+        }
+      }
+      __syncwarp();
+      // Group score: the sum of the group's two largest biased scores.
+      for (int g = lane; g < n_group; g += 32) {
+        float top1 = -INFINITY, top2 = -INFINITY;
+        for (int e = g * group_size; e < (g + 1) * group_size; ++e) {
+          const float v = biased_sh[e];
+          if (v > top1) {
+            top2 = top1;
+            top1 = v;
+          } else if (v > top2) {
+            top2 = v;
+          }
+        }
+        gscore[g] = top1 + top2;
+      }
+      __syncwarp();
+      // Keep topk_group groups (n_group <= 64: one bit each).
+      unsigned long long kept = 0ull;
+      for (int r = 0; r < topk_group; ++r) {
+        float bv = -INFINITY, dummy = 0.f;
+        int bi = INT_MAX;
+        for (int g = lane; g < n_group; g += 32) {
+          if (!((kept >> g) & 1ull) && beats(gscore[g], g, bv, bi)) {
+            bv = gscore[g];
+            bi = g;
+          }
+        }
+        warp_argmax(bv, bi, dummy);
+        kept |= 1ull << bi;
+      }
+      // Experts of dropped groups score -inf; then top_k rounds of argmax over the rest.
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        const int e = lane + 32 * j;
+        if (e < E && !((kept >> (e / group_size)) & 1ull)) value[j] = -INFINITY;
+      }
+      unsigned taken = 0u;  // bit j: expert lane+32j already chosen
+      for (int r = 0; r < top_k; ++r) {
+        float bv = -INFINITY, bs = 0.f;
+        int bi = INT_MAX;
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) {
+          const int e = lane + 32 * j;
+          if (e < E && !((taken >> j) & 1u) && beats(value[j], e, bv, bi)) {
+            bv = value[j];
+            bi = e;
+            bs = score[j];
+          }
+        }
+        warp_argmax(bv, bi, bs);
+        if (lane == bi % 32) taken |= 1u << (bi / 32);
+        if (lane == r) {
+          my_id = bi;
+          my_score = bs;
+        }
+      }
+    }
+    // Weights: the unbiased scores, renormalized over the k (summed in slot order) and scaled.
+    float denom = 0.f;
+    for (int j = 0; j < top_k; ++j) denom += __shfl_sync(kFull, my_score, j);
+    if (lane < top_k) {
+      const float w = renormalize ? my_score / (denom + 1e-20f) : my_score;
+      const int64_t off = static_cast<int64_t>(t) * top_k + lane;
+      weights[off] = w * scale;
+      ids_out[off] = my_id;
+      atomicAdd(&hist[my_id], 1);
+    }
+    __syncwarp();
+  }
+  __syncthreads();
+  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+    if (hist[e] != 0) atomicAdd(&counts[e], hist[e]);
+  }
+}
+
+// One thread per token: d w_j / d s_i = scale * (delta_ij / (S + eps) - s_j / (S + eps)^2) when
+// renormalizing (S = sum of the k scores), times the sigmoid's s (1 - s) for the logit.
+template <typename id_t>
+__global__ void moe_route_backward_kernel(const float* __restrict__ grad_w, const float* __restrict__ logits,
+                                          const id_t* __restrict__ ids, float* __restrict__ grad_logits, int T,
+                                          int E, int top_k, float scale, bool renormalize) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= T) return;
+  const float* row = logits + static_cast<int64_t>(t) * E;
+  const float* g = grad_w + static_cast<int64_t>(t) * top_k;
+  const id_t* id = ids + static_cast<int64_t>(t) * top_k;
+  float* out = grad_logits + static_cast<int64_t>(t) * E;
+  float denom = 0.f, dot = 0.f;
+  for (int j = 0; j < top_k; ++j) {
+    const float s = sigmoidf(row[id[j]]);
+    denom += s;
+    dot += g[j] * s;
+  }
+  denom += 1e-20f;
+  for (int j = 0; j < top_k; ++j) {
+    const int e = static_cast<int>(id[j]);
+    const float s = sigmoidf(row[e]);
+    const float ds = renormalize ? scale * (g[j] / denom - dot / (denom * denom)) : scale * g[j];
+    out[e] += ds * s * (1.f - s);
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- dispatch
+// Slots are cut into chunks, one warp each. (1) per-chunk histograms, stored [E][chunks];
+// (2) per expert, an exclusive scan over its chunks; (3) expert offsets (a scan over E);
+// (4) each warp walks its chunk in slot order and places every slot at
+// expert start + earlier chunks' count + rank among earlier slots of its chunk: a stable counting sort.
+
+constexpr int kDispatchWarps = 4;
+
+template <typename id_t>
+__global__ void dispatch_histogram_kernel(const id_t* __restrict__ ids, int32_t* __restrict__ hist, int64_t S,
+                                          int E, int chunk, int chunks) {
+  extern __shared__ int sh_hist[];  // [kDispatchWarps][E]
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int c = blockIdx.x * kDispatchWarps + warp;
+  int* h = sh_hist + warp * E;
+  for (int e = lane; e < E; e += 32) h[e] = 0;
+  __syncwarp();
+  if (c < chunks) {
+    const int64_t begin = static_cast<int64_t>(c) * chunk;
+    const int64_t end = min(begin + chunk, S);
+    for (int64_t s = begin + lane; s < end; s += 32) {
+      const int e = static_cast<int>(ids[s]);
+      CUDA_KERNEL_ASSERT(e >= 0 && e < E && "moe_dispatch: expert id out of range");
+      atomicAdd(&h[e], 1);
+    }
+  }
+  __syncwarp();
+  if (c < chunks) {
+    for (int e = lane; e < E; e += 32) hist[static_cast<int64_t>(e) * chunks + c] = h[e];
+  }
+}
+
+constexpr int kScanThreads = 256;
+constexpr int kScanItems = 4;  // chunks per thread: at most kScanThreads * kScanItems chunks
+
+// One block per expert: exclusive scan of its per-chunk counts (in place), total into counts[e].
+__global__ void dispatch_chunk_scan_kernel(int32_t* __restrict__ hist, int32_t* __restrict__ counts, int chunks) {
+  using Scan = cub::BlockScan<int, kScanThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  int32_t* row = hist + static_cast<int64_t>(blockIdx.x) * chunks;
+  int items[kScanItems];
+#pragma unroll
+  for (int i = 0; i < kScanItems; ++i) {
+    const int c = threadIdx.x * kScanItems + i;
+    items[i] = c < chunks ? row[c] : 0;
+  }
+  int total = 0;
+  Scan(tmp).ExclusiveSum(items, items, total);
+#pragma unroll
+  for (int i = 0; i < kScanItems; ++i) {
+    const int c = threadIdx.x * kScanItems + i;
+    if (c < chunks) row[c] = items[i];
+  }
+  if (threadIdx.x == 0) counts[blockIdx.x] = total;
+}
+
+constexpr int kOffsetThreads = 1024;  // E <= 1024
+
+__global__ void dispatch_offsets_kernel(const int32_t* __restrict__ counts, int32_t* __restrict__ offsets, int E) {
+  using Scan = cub::BlockScan<int, kOffsetThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  const int e = threadIdx.x;
+  int v = e < E ? counts[e] : 0;
+  Scan(tmp).InclusiveSum(v, v);
+  if (e < E) offsets[e] = v;
+}
+
+template <typename id_t>
+__global__ void dispatch_scatter_kernel(const id_t* __restrict__ ids, const int32_t* __restrict__ chunk_base,
+                                        const int32_t* __restrict__ counts, const int32_t* __restrict__ offsets,
+                                        int32_t* __restrict__ sorted_slot, int32_t* __restrict__ slot_pos,
+                                        int64_t S, int E, int chunk, int chunks) {
+  extern __shared__ int sh_next[];  // [kDispatchWarps][E]: next free position per expert
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int c = blockIdx.x * kDispatchWarps + warp;
+  if (c >= chunks) return;  // whole warp leaves together
+  int* next = sh_next + warp * E;
+  for (int e = lane; e < E; e += 32) next[e] = offsets[e] - counts[e] + chunk_base[static_cast<int64_t>(e) * chunks + c];
+  __syncwarp();
+  const int64_t begin = static_cast<int64_t>(c) * chunk;
+  const int64_t end = min(begin + chunk, S);
+  const unsigned lanes_below = (1u << lane) - 1u;
+  for (int64_t base = begin; base < end; base += 32) {
+    const int64_t s = base + lane;
+    const int e = s < end ? static_cast<int>(ids[s]) : -1;
+    const unsigned same = __match_any_sync(kFull, e);
+    if (e >= 0) {
+      const int pos = next[e] + __popc(same & lanes_below);
+      sorted_slot[pos] = static_cast<int32_t>(s);
+      slot_pos[s] = pos;
+    }
+    __syncwarp();
+    if (e >= 0 && (same >> lane) == 1u) next[e] += __popc(same);  // the group's highest lane advances it
+    __syncwarp();
+  }
+}
+
+template <typename F>
+void dispatch_id_type(const at::Tensor& ids, F&& f) {
+  if (ids.scalar_type() == at::kInt) {
+    f(ids.data_ptr<int32_t>());
+  } else {
+    f(ids.data_ptr<int64_t>());
+  }
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& router_logits,
+                                                              const at::Tensor& expert_bias, int64_t n_group,
+                                                              int64_t topk_group, int64_t top_k,
+                                                              double routed_scaling_factor, bool renormalize,
+                                                              const std::optional<at::Tensor>& expert_ids) {
+  check_cuda(router_logits, "router_logits");
+  check_contiguous(router_logits, "router_logits");
+  check_dtype(router_logits, "router_logits", {at::kFloat});
+  RK_CHECK_ARG(router_logits.dim() == 2, "router_logits", "expected [T, E], got ", router_logits.sizes());
+  const int64_t T = router_logits.size(0), E = router_logits.size(1);
+  check_same_device(expert_bias, router_logits, "expert_bias");
+  check_contiguous(expert_bias, "expert_bias");
+  check_dtype(expert_bias, "expert_bias", {at::kFloat});
+  RK_CHECK_ARG(expert_bias.dim() == 1 && expert_bias.size(0) == E, "expert_bias", "expected [", E, "], got ",
+               expert_bias.sizes());
+  RK_CHECK_ARG(E >= 1 && E <= 512, "router_logits", "expected 1 <= E <= 512 experts, got ", E);
+  RK_CHECK_ARG(n_group >= 1 && n_group <= 64 && E % n_group == 0 && E / n_group >= 2, "n_group",
+               "expected a divisor of E=", E, " with at least 2 experts per group and n_group <= 64, got ", n_group);
+  RK_CHECK_ARG(topk_group >= 1 && topk_group <= n_group, "topk_group", "expected 1..", n_group, ", got ", topk_group);
+  RK_CHECK_ARG(top_k >= 1 && top_k <= 32 && top_k <= E, "top_k", "expected 1..min(32, E), got ", top_k);
+  const int32_t* replay32 = nullptr;
+  const int64_t* replay64 = nullptr;
+  if (expert_ids.has_value()) {
+    const auto& ids = *expert_ids;
+    check_same_device(ids, router_logits, "expert_ids");
+    check_contiguous(ids, "expert_ids");
+    check_dtype(ids, "expert_ids", {at::kInt, at::kLong});
+    RK_CHECK_ARG(ids.dim() == 2 && ids.size(0) == T && ids.size(1) == top_k, "expert_ids", "expected [", T, ", ",
+                 top_k, "], got ", ids.sizes());
+    if (ids.scalar_type() == at::kInt) replay32 = ids.data_ptr<int32_t>();
+    else replay64 = ids.data_ptr<int64_t>();
+  }
+  const c10::cuda::CUDAGuard guard(router_logits.device());
+  auto weights = at::empty({T, top_k}, router_logits.options());
+  auto ids_out = at::empty({T, top_k}, router_logits.options().dtype(at::kInt));
+  auto counts = at::zeros({E}, router_logits.options().dtype(at::kInt));
+  if (T == 0) return {weights, ids_out, counts};
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = std::min<int64_t>((T + kRouteWarps - 1) / kRouteWarps, 8 * sms);
+  const size_t smem = sizeof(int) * (E + kRouteWarps * E + kRouteWarps * n_group);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  auto launch = [&](auto kernel) {
+    kernel<<<blocks, kRouteWarps * 32, smem, stream>>>(
+        router_logits.data_ptr<float>(), expert_bias.data_ptr<float>(), replay32, replay64,
+        weights.data_ptr<float>(), ids_out.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), static_cast<int>(T),
+        static_cast<int>(E), static_cast<int>(n_group), static_cast<int>(topk_group), static_cast<int>(top_k),
+        static_cast<float>(routed_scaling_factor), renormalize);
+  };
+  if (E <= 32) launch(moe_route_kernel<1>);
+  else if (E <= 64) launch(moe_route_kernel<2>);
+  else if (E <= 128) launch(moe_route_kernel<4>);
+  else if (E <= 256) launch(moe_route_kernel<8>);
+  else launch(moe_route_kernel<16>);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {weights, ids_out, counts};
+}
+
+at::Tensor moe_route_backward_cuda(const at::Tensor& grad_weights, const at::Tensor& router_logits,
+                                   const at::Tensor& expert_ids, double routed_scaling_factor, bool renormalize) {
+  check_cuda(router_logits, "router_logits");
+  check_contiguous(router_logits, "router_logits");
+  check_dtype(router_logits, "router_logits", {at::kFloat});
+  RK_CHECK_ARG(router_logits.dim() == 2, "router_logits", "expected [T, E], got ", router_logits.sizes());
+  const int64_t T = router_logits.size(0), E = router_logits.size(1);
+  check_same_device(expert_ids, router_logits, "expert_ids");
+  check_contiguous(expert_ids, "expert_ids");
+  check_dtype(expert_ids, "expert_ids", {at::kInt, at::kLong});
+  RK_CHECK_ARG(expert_ids.dim() == 2 && expert_ids.size(0) == T, "expert_ids", "expected [", T, ", k], got ",
+               expert_ids.sizes());
+  const int64_t k = expert_ids.size(1);
+  check_same_device(grad_weights, router_logits, "grad_weights");
+  check_contiguous(grad_weights, "grad_weights");
+  check_dtype(grad_weights, "grad_weights", {at::kFloat});
+  RK_CHECK_ARG(grad_weights.sizes() == expert_ids.sizes(), "grad_weights", "expected ", expert_ids.sizes(), ", got ",
+               grad_weights.sizes());
+  const c10::cuda::CUDAGuard guard(router_logits.device());
+  auto grad_logits = at::zeros_like(router_logits);
+  if (T == 0) return grad_logits;
+  constexpr int threads = 128;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_id_type(expert_ids, [&](auto ids) {
+    moe_route_backward_kernel<<<(T + threads - 1) / threads, threads, 0, stream>>>(
+        grad_weights.data_ptr<float>(), router_logits.data_ptr<float>(), ids, grad_logits.data_ptr<float>(),
+        static_cast<int>(T), static_cast<int>(E), static_cast<int>(k), static_cast<float>(routed_scaling_factor),
+        renormalize);
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return grad_logits;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cuda(const at::Tensor& expert_ids,
+                                                                            int64_t num_experts) {
+  check_cuda(expert_ids, "expert_ids");
+  check_contiguous(expert_ids, "expert_ids");
+  check_dtype(expert_ids, "expert_ids", {at::kInt, at::kLong});
+  RK_CHECK_ARG(expert_ids.dim() == 2, "expert_ids", "expected [T, k], got ", expert_ids.sizes());
+  RK_CHECK_ARG(num_experts >= 1 && num_experts <= kOffsetThreads, "num_experts", "expected 1..", kOffsetThreads,
+               ", got ", num_experts);
+  const int64_t S = expert_ids.numel();
+  RK_CHECK_ARG(S < INT_MAX, "expert_ids", "expected fewer than 2^31 slots, got ", S);
+  const int E = static_cast<int>(num_experts);
+  const c10::cuda::CUDAGuard guard(expert_ids.device());
+  auto opts = expert_ids.options().dtype(at::kInt);
+  auto counts = at::zeros({E}, opts);
+  auto offsets = at::zeros({E}, opts);
+  auto sorted_slot = at::empty({S}, opts);
+  auto slot_pos = at::empty({S}, opts);
+  if (S == 0) return {counts, offsets, sorted_slot, slot_pos};
+  // Chunks of at least 512 slots, and few enough for one scan block per expert.
+  const int64_t max_chunks = kScanThreads * kScanItems;
+  int64_t chunk = std::max<int64_t>(512, (S + max_chunks - 1) / max_chunks);
+  chunk = (chunk + 31) / 32 * 32;
+  const int chunks = static_cast<int>((S + chunk - 1) / chunk);
+  auto chunk_base = at::empty({static_cast<int64_t>(E) * chunks}, opts);
+  const int blocks = (chunks + kDispatchWarps - 1) / kDispatchWarps;
+  const size_t smem = sizeof(int) * kDispatchWarps * E;
+  auto stream = at::cuda::getCurrentCUDAStream();
+  dispatch_id_type(expert_ids, [&](auto ids) {
+    dispatch_histogram_kernel<<<blocks, kDispatchWarps * 32, smem, stream>>>(ids, chunk_base.data_ptr<int32_t>(), S,
+                                                                             E, static_cast<int>(chunk), chunks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_chunk_scan_kernel<<<E, kScanThreads, 0, stream>>>(chunk_base.data_ptr<int32_t>(),
+                                                               counts.data_ptr<int32_t>(), chunks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_offsets_kernel<<<1, kOffsetThreads, 0, stream>>>(counts.data_ptr<int32_t>(),
+                                                              offsets.data_ptr<int32_t>(), E);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    dispatch_scatter_kernel<<<blocks, kDispatchWarps * 32, smem, stream>>>(
+        ids, chunk_base.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
+        sorted_slot.data_ptr<int32_t>(), slot_pos.data_ptr<int32_t>(), S, E, static_cast<int>(chunk), chunks);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return {counts, offsets, sorted_slot, slot_pos};
+}
+
+TORCH_LIBRARY_IMPL(ringkern, CUDA, m) {
+  m.impl("moe_route", &moe_route_cuda);
+  m.impl("moe_route_backward", &moe_route_backward_cuda);
+  m.impl("moe_dispatch", &moe_dispatch_cuda);
+}
+
+}  // namespace ringkern

@@ -1,0 +1,295 @@
+"""MoE kernel ops (moe_route, moe_dispatch, moe_experts): CPU references, opcheck, compile, autograd, and
+the CUDA kernels against the references (exact integers for routing, the 2x-bf16 error rule for experts)."""
+import pytest
+import torch
+
+from conftest import requires_cuda
+from ringkern import ops
+from ringkern.ops import moe_reference as moe_ref
+from ringkern.ops import reference as ref
+
+SMALL = dict(n_group=4, topk_group=2, top_k=4, routed_scaling_factor=2.5)  # E = 16
+RING = dict(n_group=8, topk_group=4, top_k=8, routed_scaling_factor=2.5)  # E = 256
+
+
+def _route_config(E):
+    return SMALL if E == 16 else RING
+
+
+def _logits(T, E, device="cpu", ties=False):
+    """fp32 logits; with ties, values on a coarse grid so many scores are exactly equal."""
+    if ties:
+        return (torch.randint(-4, 5, (T, E), device=device) / 4.0).float()
+    return torch.randn(T, E, device=device)
+
+
+def _experts(E, H, I, dtype, device="cpu", scale=0.05):
+    gate_up = (torch.randn(E, 2 * I, H, device=device) * scale).to(dtype)
+    down = (torch.randn(E, H, I, device=device) * scale).to(dtype)
+    return gate_up, down
+
+
+def _routing(T, E, k, device="cpu"):
+    ids = torch.stack([torch.randperm(E, device=device)[:k] for _ in range(T)]).int()
+    weights = torch.rand(T, k, device=device) + 0.1
+    return weights, ids
+
+
+# ------------------------------------------------------------------------------------------ CPU
+
+
+def test_dispatch_reference_is_a_stable_sort():
+    ids = torch.tensor([[2, 0], [0, 2], [1, 2]], dtype=torch.int32)
+    counts, offsets, sorted_slot, slot_pos = ops.moe_dispatch(ids, 4)
+    assert counts.tolist() == [2, 1, 3, 0]
+    assert offsets.tolist() == [2, 3, 6, 6]
+    assert sorted_slot.tolist() == [1, 2, 4, 0, 3, 5]
+    assert torch.equal(sorted_slot[slot_pos.long()], torch.arange(6, dtype=torch.int32))
+
+
+def test_moe_opcheck():
+    T, E, H, I = 5, 16, 16, 8
+    logits, bias = torch.randn(T, E, requires_grad=True), torch.randn(E) * 0.1
+    args = (4, 2, 4, 2.5, True)
+    torch.library.opcheck(torch.ops.ringkern.moe_route.default, (logits, bias, *args, None))
+    replay = torch.randint(0, E, (T, 4), dtype=torch.int32)
+    torch.library.opcheck(torch.ops.ringkern.moe_route.default, (logits, bias, *args, replay))
+    torch.library.opcheck(torch.ops.ringkern.moe_route_backward.default,
+                          (torch.randn(T, 4), logits.detach(), replay, 2.5, True))
+    torch.library.opcheck(torch.ops.ringkern.moe_dispatch.default, (replay, E))
+    gate_up, down = _experts(E, H, I, torch.float32)
+    weights, ids = _routing(T, E, 4)
+    leaves = [t.requires_grad_() for t in (torch.randn(T, H), weights, gate_up, down)]
+    x, w, gu, dn = leaves
+    torch.library.opcheck(torch.ops.ringkern.moe_experts_forward.default, (x, w, ids, gu, dn))
+    _, gate_up_out, sorted_slot, slot_pos, offsets = torch.ops.ringkern.moe_experts_forward(x, w, ids, gu, dn)
+    torch.library.opcheck(torch.ops.ringkern.moe_experts_backward.default,
+                          (torch.randn(T, H), x.detach(), w.detach(), gu.detach(), dn.detach(),
+                           gate_up_out.detach(), sorted_slot, slot_pos, offsets))
+
+
+def _moe(logits, bias, x, gate_up, down, cfg):
+    weights, ids, counts = ops.moe_route(logits, bias, **cfg)
+    return ops.moe_experts(x, weights, ids, gate_up, down), counts
+
+
+def test_moe_compiles_fullgraph_with_backward():
+    T, E, H, I = 6, 16, 16, 8
+    logits = torch.randn(T, E, requires_grad=True)
+    bias = torch.randn(E) * 0.1
+    x = torch.randn(T, H, requires_grad=True)
+    gate_up, down = (t.requires_grad_() for t in _experts(E, H, I, torch.float32))
+    compiled = torch.compile(lambda *a: _moe(*a, SMALL), fullgraph=True, backend="aot_eager")
+    y, counts = compiled(logits, bias, x, gate_up, down)
+    y.square().sum().backward()
+    got = [t.grad.clone() for t in (logits, x, gate_up, down)]
+    for t in (logits, x, gate_up, down):
+        t.grad = None
+    y_eager, counts_eager = _moe(logits, bias, x, gate_up, down, SMALL)
+    y_eager.square().sum().backward()
+    torch.testing.assert_close(y, y_eager)
+    assert torch.equal(counts, counts_eager)
+    for g, t in zip(got, (logits, x, gate_up, down)):
+        torch.testing.assert_close(g, t.grad)
+
+
+def test_route_autograd_matches_reference():
+    for renormalize in (True, False):
+        logits = torch.randn(9, 16, dtype=torch.float32, requires_grad=True)
+        bias = torch.randn(16) * 0.1
+        g = torch.randn(9, 4)
+        w, ids, _ = ops.moe_route(logits, bias, renormalize=renormalize, **SMALL)
+        (grad,) = torch.autograd.grad(w, logits, g)
+        w_ref, ids_ref, _ = ref.moe_route(logits, bias, renormalize=renormalize, **SMALL)
+        (grad_ref,) = torch.autograd.grad(w_ref, logits, g)
+        assert torch.equal(ids, ids_ref)
+        torch.testing.assert_close(grad, grad_ref)
+
+
+@pytest.mark.parametrize("T", [1, 7, 33])
+def test_experts_autograd_matches_reference(T):
+    E, H, I, k = 8, 12, 6, 3
+    x = torch.randn(T, H, dtype=torch.float64, requires_grad=True)
+    weights, ids = _routing(T, E, k)
+    weights = weights.double().requires_grad_()
+    gate_up, down = (t.requires_grad_() for t in _experts(E, H, I, torch.float64, scale=0.3))
+    leaves = (x, weights, gate_up, down)
+    g = torch.randn(T, H, dtype=torch.float64)
+    grads = torch.autograd.grad(ops.moe_experts(x, weights, ids, gate_up, down), leaves, g)
+    grads_ref = torch.autograd.grad(ref.moe_experts(x, weights, ids, gate_up, down), leaves, g)
+    for a, b in zip(grads, grads_ref):
+        torch.testing.assert_close(a, b)
+    assert torch.autograd.gradcheck(lambda *a: ops.moe_experts(a[0], a[1], ids, a[2], a[3]), leaves)
+
+
+# ----------------------------------------------------------------------------------------- CUDA
+
+
+@requires_cuda
+@pytest.mark.parametrize("E", [16, 256])
+@pytest.mark.parametrize("T", [1, 7, 513, 4096])
+@pytest.mark.parametrize("ties", [False, True])
+def test_cuda_route_matches_reference(E, T, ties):
+    cfg = _route_config(E)
+    logits = _logits(T, E, "cuda", ties)
+    bias = (torch.randint(-2, 3, (E,), device="cuda") / 8.0) if ties else torch.randn(E, device="cuda") * 0.1
+    for renormalize in (True, False):
+        w, ids, counts = ops.moe_route(logits, bias, renormalize=renormalize, **cfg)
+        w_ref, ids_ref, counts_ref = ref.moe_route(logits, bias, renormalize=renormalize, **cfg)
+        assert ids.dtype == torch.int32 and counts.dtype == torch.int32
+        assert torch.equal(ids, ids_ref)
+        assert torch.equal(counts, counts_ref)
+        torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=0)
+
+
+@requires_cuda
+@pytest.mark.parametrize("E", [16, 256])
+def test_cuda_route_replay_and_backward(E):
+    cfg = _route_config(E)
+    T, k = 257, cfg["top_k"]
+    logits = torch.randn(T, E, device="cuda", requires_grad=True)
+    bias = torch.randn(E, device="cuda") * 0.1
+    replay = torch.randint(0, E, (T, k), device="cuda", dtype=torch.int32)
+    for ids_in in (replay, replay.long()):
+        w, ids, counts = ops.moe_route(logits, bias, expert_ids=ids_in, **cfg)
+        w_ref, ids_ref, counts_ref = ref.moe_route(logits, bias, expert_ids=ids_in, **cfg)
+        assert torch.equal(ids, ids_ref) and torch.equal(counts, counts_ref)
+        torch.testing.assert_close(w, w_ref, atol=1e-6, rtol=0)
+    g = torch.randn(T, k, device="cuda")
+    w, ids, _ = ops.moe_route(logits, bias, **cfg)
+    (grad,) = torch.autograd.grad(w, logits, g)
+    w_ref, _, _ = ref.moe_route(logits, bias, **cfg)
+    (grad_ref,) = torch.autograd.grad(w_ref, logits, g)
+    torch.testing.assert_close(grad, grad_ref, atol=1e-6, rtol=1e-5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("E,T,k", [(16, 1, 4), (16, 513, 4), (256, 4096, 8), (256, 65536, 8)])
+def test_cuda_dispatch_matches_reference(E, T, k):
+    ids = torch.randint(0, E, (T, k), device="cuda", dtype=torch.int32)
+    got = ops.moe_dispatch(ids, E)
+    want = moe_ref.moe_dispatch(ids, E)
+    for a, b in zip(got, want):
+        assert a.dtype == torch.int32 and torch.equal(a, b)
+
+
+@pytest.fixture(params=["grouped", "small"])
+def experts_path(request, monkeypatch):
+    """Forces one of the two CUDA expert paths: torch._grouped_mm, or the few-rows weight-streaming kernels."""
+    monkeypatch.setenv("RINGKERN_MOE_SMALL_SLOTS", "0" if request.param == "grouped" else str(1 << 30))
+    return request.param
+
+
+def _rel_err(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def _check_experts_cuda(x, weights, ids, gate_up, down):
+    """Kernel vs fp32 reference, forward and all gradients: error <= 2x the bf16 eager reference's."""
+    T, H = x.shape
+    grad_y = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
+
+    def run(fn, dtype):
+        leaves = [t.detach().to(dtype).requires_grad_() for t in (x, gate_up, down)]
+        w = weights.detach().clone().requires_grad_()
+        y = fn(leaves[0], w, ids, leaves[1], leaves[2])
+        grads = torch.autograd.grad(y, [leaves[0], w, leaves[1], leaves[2]], grad_y.to(dtype))
+        return [y.float(), *(g.float() for g in grads)]
+
+    got = run(ops.moe_experts, torch.bfloat16)
+    exact = run(ref.moe_experts, torch.float32)
+    eager = run(ref.moe_experts, torch.bfloat16)
+    names = ["y", "grad_x", "grad_weights", "grad_gate_up", "grad_down"]
+    for name, g, e, b in zip(names, got, exact, eager):
+        assert torch.isfinite(g).all(), name
+        err, err_bf16 = _rel_err(g, e), _rel_err(b, e)
+        assert err <= 2 * err_bf16 + 1e-5, f"{name}: kernel error {err:.3g} vs bf16 reference {err_bf16:.3g}"
+    return got
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 7, 513])
+def test_cuda_experts_forward_backward(T, experts_path):
+    E, H, I, k = 16, 256, 128, 4
+    x = torch.randn(T, H, device="cuda").bfloat16()
+    weights, ids = _routing(T, E, k, "cuda")
+    gate_up, down = _experts(E, H, I, torch.bfloat16, "cuda")
+    _check_experts_cuda(x, weights, ids, gate_up, down)
+
+
+@requires_cuda
+def test_cuda_experts_zero_token_experts_and_one_hot_expert(experts_path):
+    E, H, I, k, T = 16, 256, 128, 4, 300
+    gate_up, down = _experts(E, H, I, torch.bfloat16, "cuda")
+    x = torch.randn(T, H, device="cuda").bfloat16()
+    weights = torch.rand(T, k, device="cuda") + 0.1
+    # only experts 3, 5, 7, 9 are used, and each by every token: all other experts get zero tokens
+    ids = torch.tensor([3, 5, 7, 9], device="cuda", dtype=torch.int32).expand(T, k).contiguous()
+    _, _, grad_gate_up, grad_down = _check_experts_cuda(x, weights, ids, gate_up, down)[1:]
+    unused = [e for e in range(E) if e not in (3, 5, 7, 9)]
+    assert (grad_gate_up[unused] == 0).all() and (grad_down[unused] == 0).all()
+    # every slot of every token on one expert (k = 1)
+    _check_experts_cuda(x, weights[:, :1].contiguous(), torch.full((T, 1), 11, device="cuda", dtype=torch.int32),
+                        gate_up, down)
+
+
+@requires_cuda
+def test_cuda_experts_bitwise_deterministic(experts_path):
+    E, H, I, k, T = 64, 512, 256, 8, 4096
+    gate_up, down = (t.requires_grad_() for t in _experts(E, H, I, torch.bfloat16, "cuda"))
+    x = torch.randn(T, H, device="cuda").bfloat16().requires_grad_()
+    weights, ids = _routing(T, E, k, "cuda")
+    weights.requires_grad_()
+    grad_y = torch.randn(T, H, device="cuda").bfloat16()
+
+    def run():
+        y = ops.moe_experts(x, weights, ids, gate_up, down)
+        return [y, *torch.autograd.grad(y, [x, weights, gate_up, down], grad_y)]
+
+    first, second = run(), run()
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@requires_cuda
+def test_cuda_graph_decode_matches_eager(experts_path):
+    T, E, H, I = 64, 256, 512, 128
+    cfg = RING
+    router = torch.randn(E, H, device="cuda") * 0.05
+    bias = torch.randn(E, device="cuda") * 0.01
+    gate_up, down = _experts(E, H, I, torch.bfloat16, "cuda")
+    static_x = torch.randn(T, H, device="cuda").bfloat16()
+
+    def step(x):
+        weights, ids, counts = ops.moe_route(x.float() @ router.t(), bias, **cfg)
+        return ops.moe_experts(x, weights, ids, gate_up, down), ids, counts
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step(static_x)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step(static_x)
+    for _ in range(3):
+        static_x.copy_(torch.randn(T, H, device="cuda").bfloat16())
+        graph.replay()
+        eager = step(static_x)
+        for a, b in zip(static_out, eager):
+            assert torch.equal(a, b)
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [64, 600])
+def test_cuda_experts_ring_shapes_forward(T, experts_path):
+    E, H, I, k = 256, 4096, 1024, 8
+    gate_up, down = _experts(E, H, I, torch.bfloat16, "cuda", scale=0.02)
+    x = torch.randn(T, H, device="cuda").bfloat16()
+    weights, ids = _routing(T, E, k, "cuda")
+    with torch.no_grad():
+        got = ops.moe_experts(x, weights, ids, gate_up, down).float()
+        eager = ref.moe_experts(x, weights, ids, gate_up, down).float()
+        exact = ref.moe_experts(x.float(), weights, ids, gate_up.float(), down.float())
+    assert _rel_err(got, exact) <= 2 * _rel_err(eager, exact) + 1e-5
