@@ -500,8 +500,7 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
         from .model import RingFlashModel as model_cls
     with torch.device("meta"):
         model = model_cls(config)
-    model.to(dtype=target_dtype)
-    _force_fp32_expert_bias(model)
+    model.to(dtype=target_dtype)  # the routers keep expert_bias fp32 (Router._apply)
     model.to_empty(device=torch.device("cpu") if device is None else device)
 
     state = model.state_dict()
@@ -517,13 +516,6 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
                 t.zero_()
     _reset_non_persistent(model)
     return model
-
-
-def _force_fp32_expert_bias(model: nn.Module) -> None:
-    for module in model.modules():
-        bias = module._buffers.get("expert_bias")
-        if bias is not None and bias.dtype != torch.float32:
-            module._buffers["expert_bias"] = bias.to(torch.float32)
 
 
 def _unfilled(state: dict[str, torch.Tensor], dests: Iterable[Destination], config: RingConfig) -> list[str]:

@@ -187,13 +187,7 @@ def _icepop_coef(logp, old_logprobs, rollout_logprobs, advantages, loss_mask, cu
                  eps_high, correction, aggregation, tis_cap) -> torch.Tensor:
     """d(loss)/d(logp_t) of the reference's IcePop loss (what the CUDA row kernel computes per token)."""
     old, rollout, adv = (t.to(logp.dtype) for t in (old_logprobs, rollout_logprobs, advantages))
-    k = (old - rollout).exp()
-    if correction == "icepop":
-        corr = torch.where((k >= alpha) & (k <= beta), k, torch.zeros_like(k))
-    elif correction == "tis":
-        corr = k.clamp(max=tis_cap)
-    else:
-        corr = torch.ones_like(k)
+    corr = ref.correction_weights((old - rollout).exp(), correction, alpha=alpha, beta=beta, tis_cap=tis_cap)
     scale = _aggregation_weights(loss_mask.bool(), cu_seqlens, aggregation, logp.dtype) * corr
     ratio = (logp - old).exp()
     clipped = ((ratio > 1 + eps_high) & (adv > 0)) | ((ratio < 1 - eps_low) & (adv < 0))

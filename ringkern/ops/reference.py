@@ -266,12 +266,7 @@ def icepop_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
 
     log_k = old - rollout
     k = log_k.exp()
-    if correction == "icepop":
-        corr = torch.where((k >= alpha) & (k <= beta), k, torch.zeros_like(k))
-    elif correction == "tis":
-        corr = k.clamp(max=tis_cap)
-    else:
-        corr = torch.ones_like(k)
+    corr = correction_weights(k, correction, alpha=alpha, beta=beta, tis_cap=tis_cap)
 
     ratio = (logp - old).exp()
     surrogate = torch.minimum(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)
@@ -305,6 +300,17 @@ def icepop_policy_loss(hidden: torch.Tensor, weight: torch.Tensor, targets: torc
             "num_tokens": n_tokens.to(terms.dtype),
         }
     return loss, metrics
+
+
+def correction_weights(k: torch.Tensor, correction: str, *, alpha: float, beta: float,
+                       tis_cap: float) -> torch.Tensor:
+    """Per-token weight of the train/inference ratio k: IcePop keeps k inside [alpha, beta] and drops the
+    rest, TIS truncates at tis_cap, none is 1."""
+    if correction == "icepop":
+        return torch.where((k >= alpha) & (k <= beta), k, torch.zeros_like(k))
+    if correction == "tis":
+        return k.clamp(max=tis_cap)
+    return torch.ones_like(k)
 
 
 def _sequence_index(cu_seqlens: torch.Tensor, num_tokens: int) -> torch.Tensor:
