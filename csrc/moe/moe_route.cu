@@ -297,15 +297,20 @@ void dispatch_id_type(const at::Tensor& ids, F&& f) {
 
 }  // namespace
 
+// router_logits: a contiguous fp32 CUDA tensor [T, E] (checked by the forward and the backward).
+static void check_router_logits(const at::Tensor& router_logits) {
+  check_cuda(router_logits, "router_logits");
+  check_contiguous(router_logits, "router_logits");
+  check_dtype(router_logits, "router_logits", {at::kFloat});
+  RK_CHECK_ARG(router_logits.dim() == 2, "router_logits", "expected [T, E], got ", router_logits.sizes());
+}
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& router_logits,
                                                               const at::Tensor& expert_bias, int64_t n_group,
                                                               int64_t topk_group, int64_t top_k,
                                                               double routed_scaling_factor, bool renormalize,
                                                               const std::optional<at::Tensor>& expert_ids) {
-  check_cuda(router_logits, "router_logits");
-  check_contiguous(router_logits, "router_logits");
-  check_dtype(router_logits, "router_logits", {at::kFloat});
-  RK_CHECK_ARG(router_logits.dim() == 2, "router_logits", "expected [T, E], got ", router_logits.sizes());
+  check_router_logits(router_logits);
   const int64_t T = router_logits.size(0), E = router_logits.size(1);
   check_same_device(expert_bias, router_logits, "expert_bias");
   check_contiguous(expert_bias, "expert_bias");
@@ -356,10 +361,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& 
 
 at::Tensor moe_route_backward_cuda(const at::Tensor& grad_weights, const at::Tensor& router_logits,
                                    const at::Tensor& expert_ids, double routed_scaling_factor, bool renormalize) {
-  check_cuda(router_logits, "router_logits");
-  check_contiguous(router_logits, "router_logits");
-  check_dtype(router_logits, "router_logits", {at::kFloat});
-  RK_CHECK_ARG(router_logits.dim() == 2, "router_logits", "expected [T, E], got ", router_logits.sizes());
+  check_router_logits(router_logits);
   const int64_t T = router_logits.size(0), E = router_logits.size(1);
   check_same_device(expert_ids, router_logits, "expert_ids");
   check_contiguous(expert_ids, "expert_ids");
