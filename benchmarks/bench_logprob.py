@@ -15,30 +15,15 @@ import argparse
 import json
 import math
 import os
-import statistics
 
 import torch
 
 from ringkern import ops
 from ringkern.ops import reference as ref
+from timing import median_ms
 
 GEMM_CEILING_TFLOPS = 758.0  # bf16 8192^3 cuBLAS GEMM on the lent H200 (shared/PERF.md)
 GIB = 1024 ** 3
-
-
-def median_ms(fn, reps: int, warmup: int = 2) -> float:
-    """Median wall time of fn() in ms, each call timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def extra_peak_gib(fn, kept_bytes: int, x: dict | None = None) -> float:

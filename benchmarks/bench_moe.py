@@ -16,32 +16,17 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 
 import torch
 import torch.nn.functional as F
 
 from ringkern import ops
 from ringkern.ops import reference as ref
+from timing import median_ms
 
 H, I, E, K = 4096, 1024, 256, 8
 ROUTE = dict(n_group=8, topk_group=4, top_k=K, routed_scaling_factor=2.5)
 PEAK_FLOPS, PEAK_BW = 758e12, 4.3e12
-
-
-def timed(fn, reps: int, warmup: int = 2) -> float:
-    """Median milliseconds of fn() over reps, timed with CUDA events."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
 
 
 def grouped_mm_experts(x, weights, expert_ids, gate_up_proj, down_proj):
@@ -99,17 +84,17 @@ def main() -> None:
             touched = int((counts > 0).sum().item())
             y_ours, y_base = ours(xs[0]), baseline(xs[0])
             agree = ((y_ours.float() - y_base.float()).norm() / y_base.float().norm()).item()
-            t_ours = timed(lambda: ours(pick()), reps)
+            t_ours = median_ms(lambda: ours(pick()), reps)
             t_paths = {}
             if T <= 4096:  # both expert paths: torch._grouped_mm and the few-rows kernels
                 for name, slots in (("grouped", "0"), ("small", str(1 << 30))):
                     os.environ["RINGKERN_MOE_SMALL_SLOTS"] = slots
-                    t_paths[name] = timed(lambda: ours(pick()), reps)
+                    t_paths[name] = median_ms(lambda: ours(pick()), reps)
                 os.environ.pop("RINGKERN_MOE_SMALL_SLOTS")
-            t_base = timed(lambda: baseline(pick()), reps)
-            t_loop = timed(lambda: loop(pick()), 3, warmup=1) if T <= 512 else None
-            t_route = timed(lambda: ops.moe_route(logits, bias, **ROUTE), reps)
-            t_route_ref = timed(lambda: ref.moe_route(logits, bias, **ROUTE), reps)
+            t_base = median_ms(lambda: baseline(pick()), reps)
+            t_loop = median_ms(lambda: loop(pick()), 3, warmup=1) if T <= 512 else None
+            t_route = median_ms(lambda: ops.moe_route(logits, bias, **ROUTE), reps)
+            t_route_ref = median_ms(lambda: ref.moe_route(logits, bias, **ROUTE), reps)
         flops = 6 * T * K * H * I
         nbytes = touched * expert_bytes
         floor = max(flops / PEAK_FLOPS, nbytes / PEAK_BW) * 1e3
@@ -140,8 +125,8 @@ def main() -> None:
             y = fn(x)
             torch.autograd.grad(y, [x, *params], grad)
 
-        t_fb = timed(lambda: fwd_bwd(ours), max(3, args.reps // 2))
-        t_fb_base = timed(lambda: fwd_bwd(baseline), max(3, args.reps // 2))
+        t_fb = median_ms(lambda: fwd_bwd(ours), max(3, args.reps // 2))
+        t_fb_base = median_ms(lambda: fwd_bwd(baseline), max(3, args.reps // 2))
         flops = 3 * 6 * T * K * H * I
         results["fwd_bwd"] = dict(T=T, ms=t_fb, tflops=flops / t_fb / 1e9, grouped_mm_ms=t_fb_base,
                                   speedup_vs_grouped_mm=t_fb_base / t_fb)

@@ -49,6 +49,13 @@ TORCH_LIBRARY(ringkern, m) {
   // Gradients of moe_experts_forward's y: (grad_x, grad_weights fp32, grad_gate_up_proj, grad_down_proj).
   m.def("moe_experts_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor gate_up_proj, Tensor down_proj, "
         "Tensor gate_up_out, Tensor sorted_slot, Tensor slot_pos, Tensor offsets) -> (Tensor, Tensor, Tensor, Tensor)");
+  // MTP input: cat[rms_norm(embeds), rms_norm(hidden)] @ eh_weight^T with embeds, hidden [N, H] and
+  // eh_weight [H, 2H]: (out [N, H], normed [N, 2H], the GEMM operand kept for the backward).
+  m.def("mtp_input(Tensor embeds, Tensor hidden, Tensor enorm_weight, Tensor hnorm_weight, Tensor eh_weight, "
+        "float eps) -> (Tensor, Tensor)");
+  // Gradients of mtp_input's out: (grad_embeds, grad_hidden, grad_enorm_weight, grad_hnorm_weight, grad_eh_weight).
+  m.def("mtp_input_backward(Tensor grad_out, Tensor embeds, Tensor hidden, Tensor normed, Tensor enorm_weight, "
+        "Tensor hnorm_weight, Tensor eh_weight, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 #ifndef RINGKERN_CUDA_ARCHS

@@ -6,7 +6,9 @@ except the routed experts, which are stacked per layer for grouped GEMMs (``expe
 
 Inference keeps keys and values in a preallocated :class:`KVCache` passed to ``forward``; cached steps
 use the sync-free routing and expert ops of :mod:`ringkern.ops.inference`, so a decode step can be
-captured in a CUDA graph. Without a cache, ``forward`` is the training path.
+captured in a CUDA graph. Without a cache, ``forward`` is the training path. A cache allocated with
+``mtp=True`` also holds the MTP layers, which then run cached too (``forward`` or, one depth at a time
+with explicit next tokens, :meth:`RingFlashModel.mtp_forward`: the speculative draft model).
 
 Shape legend: B batch, T tokens per sequence, N = B*T, H hidden, D head dim, V vocabulary,
 E routed experts, k experts per token, I expert intermediate size, R cache rows, S cache positions.
@@ -41,7 +43,8 @@ class RMSNorm(nn.Module):
 class KVCache:
     """Preallocated keys and values of every decoder layer: one row per sequence, one column per position.
 
-    keys[i], values[i]: [R, Hkv, S, D] for decoder layer i. A row holds one sequence from position 0, so
+    keys[i], values[i]: [R, Hkv, S, D] for layer i: the decoder layers, then (``mtp=True``) the MTP layers
+    at their layer indices (num_hidden_layers + depth - 1). A row holds one sequence from position 0, so
     a decode step over rows 0..B-1 reads ``keys[i][:B]`` (a view, no gather) and masks positions beyond
     each query's own. Contiguous rows rather than pages: one engine serves fixed-size batches of
     sequences bounded by ``S``, and a row per sequence keeps the attention a plain SDPA call on a view
@@ -53,15 +56,20 @@ class KVCache:
 
     @classmethod
     def allocate(cls, config: RingConfig, rows: int, max_seq_len: int, *, dtype: torch.dtype,
-                 device: torch.device | str | None = None) -> "KVCache":
+                 device: torch.device | str | None = None, mtp: bool = False) -> "KVCache":
+        """Zeroed cache of the decoder layers, plus the MTP layers with ``mtp``."""
         shape = (rows, config.num_key_value_heads, max_seq_len, config.head_dim)
         make = functools.partial(torch.zeros, shape, dtype=dtype, device=device)
-        L = config.num_hidden_layers
+        L = config.num_layers_with_mtp if mtp else config.num_hidden_layers
         return cls([make() for _ in range(L)], [make() for _ in range(L)])
 
     @property
     def max_seq_len(self) -> int:
         return self.keys[0].shape[2]
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.keys)
 
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Copy positions [0, length) of row ``src`` into row ``dst`` in every layer."""
@@ -246,10 +254,10 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, next_embeds, cos, sin, key_padding_mask, expert_ids=None):
+    def forward(self, h, next_embeds, cos, sin, key_padding_mask, expert_ids=None, kv: LayerKV | None = None):
         """h: previous depth's normed hidden [B, T, H]; returns (normed MTP hidden [B, T, H], routing)."""
-        z = self.eh_proj(torch.cat([self.enorm(next_embeds), self.hnorm(h)], dim=-1))
-        z, routing = super().forward(z, cos, sin, key_padding_mask, expert_ids)
+        z = ops.mtp_input(next_embeds, h, self.enorm.weight, self.hnorm.weight, self.eh_proj.weight, self.enorm.eps)
+        z, routing = super().forward(z, cos, sin, key_padding_mask, expert_ids, kv)
         return self.final_layernorm(z), routing
 
 
@@ -336,13 +344,17 @@ class RingFlashModel(nn.Module):
         kv_cache: read and write keys/values there (see :class:`LayerKV` for the two modes). With
         ``cache_rows`` [B] (prefill) the tokens start their sequences and go to those rows; without it
         (decode) the B sequences are rows 0..B-1 and ``position_ids`` [B, T] is required. The MTP layers
-        have no cache: pass compute_mtp=False.
+        run cached only with a cache allocated with ``mtp=True`` (else pass compute_mtp=False); as in
+        training, depth d at the last d positions sees token 0 as its next token, so those positions'
+        MTP keys/values are placeholders for a later call to overwrite (see :meth:`mtp_forward`).
         """
         B, T = input_ids.shape
         if kv_cache is not None and position_ids is None and cache_rows is None:
             raise ValueError("forward(kv_cache=...) without cache_rows (decode): position_ids [B, T] is required")
-        if kv_cache is not None and compute_mtp and self.mtp_layers:
-            raise ValueError("forward(kv_cache=...): the MTP layers have no cache; pass compute_mtp=False")
+        if (kv_cache is not None and compute_mtp and self.mtp_layers
+                and kv_cache.num_layers < self.config.num_layers_with_mtp):
+            raise ValueError("forward(kv_cache=...): the cache has no MTP layers; allocate it with "
+                             "KVCache.allocate(..., mtp=True) or pass compute_mtp=False")
         key_padding_mask = None if attention_mask is None else attention_mask.bool()
         if position_ids is None:
             position_ids = (torch.arange(T, device=input_ids.device).expand(B, T) if key_padding_mask is None
@@ -350,16 +362,11 @@ class RingFlashModel(nn.Module):
         cos, sin = self.rope(position_ids)
         replay = expert_ids or {}
         out = RingOutput(hidden_states=input_ids.new_empty(0), logits=None)
-
-        decode_mask = None
-        if kv_cache is not None and cache_rows is None:
-            groups = self.config.num_attention_heads // self.config.num_key_value_heads
-            decode_mask = inference_ops.cache_attention_mask(position_ids, kv_cache.max_seq_len, groups)
+        decode_mask = self._decode_mask(position_ids, kv_cache, cache_rows)
 
         x = self.model.word_embeddings(input_ids)  # [B, T, H]
         for i, layer in enumerate(self.decoder_layers):
-            kv = None if kv_cache is None else LayerKV(kv_cache.keys[i], kv_cache.values[i], position_ids,
-                                                       cache_rows, decode_mask)
+            kv = _layer_kv(kv_cache, i, position_ids, cache_rows, decode_mask)
             x, routing = layer(x, cos, sin, key_padding_mask, replay.get(i), kv)
             self._record(out, i, routing)
         h = self.model.norm(x)
@@ -369,13 +376,54 @@ class RingFlashModel(nn.Module):
         if compute_mtp:
             for depth, layer in enumerate(self.mtp_layers, start=1):
                 idx = self.config.num_hidden_layers + depth - 1
+                kv = _layer_kv(kv_cache, idx, position_ids, cache_rows, decode_mask)
                 h, routing = layer(h, self.model.word_embeddings(shift_left(input_ids, depth)), cos, sin,
-                                   key_padding_mask, replay.get(idx))
+                                   key_padding_mask, replay.get(idx), kv)
                 self._record(out, idx, routing)
                 out.mtp_hidden_states.append(h)
                 if compute_logits:
                     out.mtp_logits.append(self.lm_head(h))
         return out
+
+    def mtp_forward(self, depth: int, hidden: torch.Tensor, next_ids: torch.Tensor, *,
+                    position_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                    kv_cache: KVCache | None = None, cache_rows: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """MTP depth ``depth`` (1-based) alone, with the next tokens given: the draft model's step.
+
+        hidden [B, T, H]: ``hidden_states`` of the main model for depth 1, the previous depth's output
+        after; next_ids [B, T]: the token ``depth`` positions after each position. Returns (this depth's
+        normed hidden [B, T, H], whose lm_head logits predict the token depth+1 ahead; its expert ids
+        [B, T, k] or None). Cache modes and arguments as in :meth:`forward` (the cache needs ``mtp=True``):
+        position t's keys/values are exact once hidden[t] and next_ids[t] are, so a caller that rewrites
+        every position whose inputs changed keeps the MTP cache equal to a full recompute.
+        """
+        if not 1 <= depth <= len(self.mtp_layers):
+            raise ValueError(f"mtp_forward(depth={depth}): expected 1..{len(self.mtp_layers)} "
+                             f"(num_nextn_predict_layers={self.config.num_nextn_predict_layers})")
+        idx = self.config.num_hidden_layers + depth - 1
+        if kv_cache is not None and kv_cache.num_layers <= idx:
+            raise ValueError("mtp_forward(kv_cache=...): the cache has no MTP layers; allocate it with "
+                             "KVCache.allocate(..., mtp=True)")
+        if kv_cache is not None and position_ids is None and cache_rows is None:
+            raise ValueError("mtp_forward(kv_cache=...) without cache_rows (decode): position_ids [B, T] is required")
+        B, T = next_ids.shape
+        key_padding_mask = None if attention_mask is None else attention_mask.bool()
+        if position_ids is None:
+            position_ids = torch.arange(T, device=next_ids.device).expand(B, T)
+        cos, sin = self.rope(position_ids)
+        kv = _layer_kv(kv_cache, idx, position_ids, cache_rows, self._decode_mask(position_ids, kv_cache, cache_rows))
+        h, routing = self.mtp_layers[depth - 1](hidden, self.model.word_embeddings(next_ids), cos, sin,
+                                                key_padding_mask, None, kv)
+        return h, None if routing is None else routing.expert_ids
+
+    def _decode_mask(self, position_ids: torch.Tensor, kv_cache: KVCache | None,
+                     cache_rows: torch.Tensor | None) -> torch.Tensor | None:
+        """The cached-attention mask of a decode call (shared by its layers); None otherwise."""
+        if kv_cache is None or cache_rows is not None:
+            return None
+        groups = self.config.num_attention_heads // self.config.num_key_value_heads
+        return inference_ops.cache_attention_mask(position_ids, kv_cache.max_seq_len, groups)
 
     @staticmethod
     def _record(out: RingOutput, layer_idx: int, routing: Routing | None) -> None:
@@ -414,6 +462,13 @@ class RingFlashModel(nn.Module):
         from .checkpoint import save_pretrained
 
         save_pretrained(self, path, **kwargs)
+
+
+def _layer_kv(kv_cache: KVCache | None, layer_idx: int, position_ids: torch.Tensor, cache_rows: torch.Tensor | None,
+              decode_mask: torch.Tensor | None) -> LayerKV | None:
+    if kv_cache is None:
+        return None
+    return LayerKV(kv_cache.keys[layer_idx], kv_cache.values[layer_idx], position_ids, cache_rows, decode_mask)
 
 
 def shift_left(t: torch.Tensor, n: int, fill: int = 0) -> torch.Tensor:

@@ -31,11 +31,11 @@ __device__ float block_sum(float v, float* scratch) {
 
 template <typename T, typename W>
 __global__ void rms_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict__ weight, T* __restrict__ y,
-                                    int64_t cols, float eps) {
+                                    int64_t cols, int64_t y_stride, float eps) {
   __shared__ float scratch[kThreads / 32];
   const int64_t row = blockIdx.x;
   const T* xr = x + row * cols;
-  T* yr = y + row * cols;
+  T* yr = y + row * y_stride;
   float sq = 0.f;
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
     const float v = static_cast<float>(xr[c]);
@@ -52,13 +52,14 @@ __global__ void rms_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict
 template <typename T, typename W>
 __global__ void rms_norm_bwd_kernel(const T* __restrict__ grad_out, const T* __restrict__ x,
                                     const W* __restrict__ weight, T* __restrict__ grad_x,
-                                    float* __restrict__ partial_dw, int64_t rows, int64_t cols, float eps) {
+                                    float* __restrict__ partial_dw, int64_t rows, int64_t cols,
+                                    int64_t grad_stride, float eps) {
   extern __shared__ float dw[];  // [cols]
   __shared__ float scratch[kThreads / 32];
   for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) dw[c] = 0.f;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     const T* xr = x + row * cols;
-    const T* gr = grad_out + row * cols;
+    const T* gr = grad_out + row * grad_stride;
     float sq = 0.f, dot = 0.f;
     for (int64_t c = threadIdx.x; c < cols; c += blockDim.x) {
       const float xv = static_cast<float>(xr[c]);
@@ -102,34 +103,22 @@ void check_inputs(const at::Tensor& x, const at::Tensor& weight) {
 
 }  // namespace
 
-at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
-  check_inputs(x, weight);
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto y = at::empty_like(x);
-  const int64_t cols = x.size(-1);
-  const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
-  if (rows == 0) return y;
+void rms_norm_forward_out(const at::Tensor& x, const at::Tensor& weight, at::Tensor& y, double eps) {
+  const int64_t rows = x.size(0), cols = x.size(1);
+  if (rows == 0 || cols == 0) return;
   auto stream = at::cuda::getCurrentCUDAStream();
   RK_DISPATCH_NORM_TYPES(x.scalar_type(), weight.scalar_type(), [&] {
     rms_norm_fwd_kernel<x_t, w_t><<<rows, kThreads, 0, stream>>>(
-        x.data_ptr<x_t>(), weight.data_ptr<w_t>(), y.data_ptr<x_t>(), cols, static_cast<float>(eps));
+        x.data_ptr<x_t>(), weight.data_ptr<w_t>(), y.data_ptr<x_t>(), cols, y.stride(0), static_cast<float>(eps));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  return y;
 }
 
-std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
-                                                          const at::Tensor& weight, double eps) {
-  check_inputs(x, weight);
-  check_same_device(grad_out, x, "grad_out");
-  check_contiguous(grad_out, "grad_out");
-  RK_CHECK_ARG(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(), "grad_out",
-               "expected shape ", x.sizes(), " and dtype ", x.scalar_type());
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t cols = x.size(-1);
-  const int64_t rows = cols == 0 ? 0 : x.numel() / cols;
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_strided(const at::Tensor& grad_out, const at::Tensor& x,
+                                                             const at::Tensor& weight, double eps) {
+  const int64_t rows = x.size(0), cols = x.size(1);
   auto grad_x = at::empty_like(x);
-  if (rows == 0) return {grad_x, at::zeros_like(weight)};
+  if (rows == 0 || cols == 0) return {grad_x, at::zeros_like(weight)};
   const size_t smem = cols * sizeof(float);
   RK_CHECK_ARG(smem <= 96 * 1024, "x", "last dim ", cols, " exceeds the kernel's shared-memory limit (24576)");
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
@@ -141,12 +130,37 @@ std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad
     if (smem > 48 * 1024) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     }
-    kernel<<<blocks, kThreads, smem, stream>>>(grad_out.data_ptr<x_t>(), x.data_ptr<x_t>(),
-                                               weight.data_ptr<w_t>(), grad_x.data_ptr<x_t>(),
-                                               partial.data_ptr<float>(), rows, cols, static_cast<float>(eps));
+    kernel<<<blocks, kThreads, smem, stream>>>(grad_out.data_ptr<x_t>(), x.data_ptr<x_t>(), weight.data_ptr<w_t>(),
+                                               grad_x.data_ptr<x_t>(), partial.data_ptr<float>(), rows, cols,
+                                               grad_out.stride(0), static_cast<float>(eps));
   });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {grad_x, partial.sum(0).to(weight.scalar_type())};
+}
+
+at::Tensor rms_norm_cuda(const at::Tensor& x, const at::Tensor& weight, double eps) {
+  check_inputs(x, weight);
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto y = at::empty_like(x);
+  if (x.numel() == 0) return y;
+  const int64_t cols = x.size(-1);
+  auto y2d = y.view({-1, cols});
+  rms_norm_forward_out(x.view({-1, cols}), weight, y2d, eps);
+  return y;
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_backward_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                                          const at::Tensor& weight, double eps) {
+  check_inputs(x, weight);
+  check_same_device(grad_out, x, "grad_out");
+  check_contiguous(grad_out, "grad_out");
+  RK_CHECK_ARG(grad_out.sizes() == x.sizes() && grad_out.scalar_type() == x.scalar_type(), "grad_out",
+               "expected shape ", x.sizes(), " and dtype ", x.scalar_type());
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.numel() == 0) return {at::empty_like(x), at::zeros_like(weight)};
+  const int64_t cols = x.size(-1);
+  auto [grad_x, grad_w] = rms_norm_backward_strided(grad_out.view({-1, cols}), x.view({-1, cols}), weight, eps);
+  return {grad_x.view(x.sizes()), grad_w};
 }
 
 TORCH_LIBRARY_IMPL(ringkern, CUDA, m) {

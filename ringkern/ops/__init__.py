@@ -16,12 +16,30 @@ from .reference import (AGGREGATIONS, CORRECTIONS, apply_partial_rope, attention
 
 __all__ = ["AGGREGATIONS", "CORRECTIONS", "ICEPOP_METRICS", "apply_partial_rope", "attention",
            "expert_bias_update", "icepop_policy_loss", "linear_cross_entropy", "moe_dispatch", "moe_experts",
-           "moe_route", "rms_norm", "rope_cos_sin", "rope_frequencies", "rope_inv_freq", "token_logprobs"]
+           "moe_route", "mtp_input", "rms_norm", "rope_cos_sin", "rope_frequencies", "rope_inv_freq", "token_logprobs"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dim (fp32 math, output in x's dtype); differentiable."""
     return torch.ops.ringkern.rms_norm(x.contiguous(), weight, eps)
+
+
+def mtp_input(embeds: torch.Tensor, hidden: torch.Tensor, enorm_weight: torch.Tensor,
+              hnorm_weight: torch.Tensor, eh_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The MTP layer's input eh_proj(cat[enorm(embeds), hnorm(hidden)]) (contract: :func:`reference.mtp_input`).
+
+    embeds, hidden [..., H], norm weights [H], eh_weight [H, 2H] -> [..., H]; differentiable in all five.
+    On CUDA the norms write straight into the halves of the GEMM operand (no concatenation, no separate
+    normed copies). Under autocast the GEMM operands run in autocast's dtype (the norm weights may stay fp32).
+    """
+    device_type = embeds.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else embeds.dtype
+    H = embeds.shape[-1]
+    with torch.autocast(device_type, enabled=False):
+        out, _ = torch.ops.ringkern.mtp_input(embeds.to(dtype).reshape(-1, H).contiguous(),
+                                              hidden.to(dtype).reshape(-1, H).contiguous(), enorm_weight.contiguous(),
+                                              hnorm_weight.contiguous(), eh_weight.to(dtype).contiguous(), float(eps))
+    return out.reshape(embeds.shape)
 
 
 def moe_route(router_logits: torch.Tensor, expert_bias: torch.Tensor, *, n_group: int, topk_group: int,

@@ -44,6 +44,49 @@ def _register_rms_norm() -> None:
 _register_rms_norm()
 
 
+def _mtp_input_cpu(embeds, hidden, enorm_weight, hnorm_weight, eh_weight, eps):
+    normed = torch.cat([ref.rms_norm(embeds, enorm_weight, eps), ref.rms_norm(hidden, hnorm_weight, eps)], dim=-1)
+    return normed @ eh_weight.t(), normed
+
+
+def _mtp_input_backward_cpu(grad_out, embeds, hidden, normed, enorm_weight, hnorm_weight, eh_weight, eps):
+    grad_normed = grad_out @ eh_weight  # [N, 2H]
+    grad_e, grad_h = grad_normed.chunk(2, dim=-1)
+    grad_embeds, grad_enorm = ref.rms_norm_backward(grad_e, embeds, enorm_weight, eps)
+    grad_hidden, grad_hnorm = ref.rms_norm_backward(grad_h, hidden, hnorm_weight, eps)
+    return grad_embeds, grad_hidden, grad_enorm, grad_hnorm, grad_out.t() @ normed
+
+
+def _register_mtp_input() -> None:
+    torch.library.register_kernel("ringkern::mtp_input", "cpu", _mtp_input_cpu)
+    torch.library.register_kernel("ringkern::mtp_input_backward", "cpu", _mtp_input_backward_cpu)
+
+    @torch.library.register_fake("ringkern::mtp_input")
+    def _(embeds, hidden, enorm_weight, hnorm_weight, eh_weight, eps):
+        N, H = embeds.shape
+        return embeds.new_empty(N, H), embeds.new_empty(N, 2 * H)
+
+    @torch.library.register_fake("ringkern::mtp_input_backward")
+    def _(grad_out, embeds, hidden, normed, enorm_weight, hnorm_weight, eh_weight, eps):
+        return (torch.empty_like(embeds), torch.empty_like(hidden), torch.empty_like(enorm_weight),
+                torch.empty_like(hnorm_weight), torch.empty_like(eh_weight))
+
+    def setup_context(ctx, inputs, output):
+        embeds, hidden, enorm_weight, hnorm_weight, eh_weight, eps = inputs
+        ctx.save_for_backward(embeds, hidden, output[1], enorm_weight, hnorm_weight, eh_weight)
+        ctx.mark_non_differentiable(output[1])
+        ctx.eps = eps
+
+    def backward(ctx, grad_out, _grad_normed):
+        grads = torch.ops.ringkern.mtp_input_backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.eps)
+        return (*grads, None)
+
+    torch.library.register_autograd("ringkern::mtp_input", backward, setup_context=setup_context)
+
+
+_register_mtp_input()
+
+
 def _register_moe() -> None:
     from . import moe_reference as moe_ref
 

@@ -43,6 +43,17 @@ def rms_norm_backward(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Ten
     return grad_x.to(x.dtype), grad_weight.to(weight.dtype)
 
 
+def mtp_input(embeds: torch.Tensor, hidden: torch.Tensor, enorm_weight: torch.Tensor,
+              hnorm_weight: torch.Tensor, eh_weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """The MTP layer's input: eh_weight [H, 2H] applied to cat[rms_norm(embeds), rms_norm(hidden)].
+
+    embeds, hidden [..., H] (the embeddings of the tokens one step ahead, the previous depth's normed
+    hidden states); the output [..., H] is in embeds' dtype.
+    """
+    normed = torch.cat([rms_norm(embeds, enorm_weight, eps), rms_norm(hidden, hnorm_weight, eps)], dim=-1)
+    return F.linear(normed, eh_weight.to(normed.dtype))
+
+
 # ---------------------------------------------------------------------------- RoPE
 
 
