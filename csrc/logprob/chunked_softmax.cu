@@ -1,5 +1,5 @@
-// Chunked linear + softmax over the vocabulary: the fused row kernel, the exact target-logit kernel and the
-// chunk loop that drives them between cuBLAS GEMMs (see chunked_softmax.h for the data flow).
+// Chunked linear + softmax over the vocabulary: the fused row kernel and the chunk loop that drives it
+// between cuBLAS GEMMs (see chunked_softmax.h for the data flow).
 #include "chunked_softmax.h"
 
 #include <ATen/cuda/CUDAContext.h>
@@ -17,11 +17,11 @@ namespace {
 
 constexpr int kRowThreads = 512;
 constexpr int kRowWarps = kRowThreads / 32;
-constexpr int kTargetWarps = 4;
 // Bytes of one chunk's logits buffer: the only [rows, V] allocation of a pass.
 constexpr int64_t kLogitsBudgetBytes = int64_t{5} << 28;  // 1.25 GiB
 constexpr int64_t kChunkRowAlign = 128;                   // GEMM-friendly chunk heights
-constexpr int64_t kLdAlign = 8;                           // logits row stride: 16-byte aligned rows
+constexpr int64_t kLdAlign = 8;                           // logits row stride: 32-byte aligned fp32 rows
+constexpr int kUnit = 8;                                  // logits per thread per round of write_row_grad
 
 // 16-byte packs of T read and written by the row kernel.
 template <typename T>
@@ -115,40 +115,53 @@ __device__ SoftmaxStats row_stats(const T* x, int64_t vocab, float inv_temp) {
   return st;
 }
 
-// Overwrites a row of logits with d/d(logits) of a*logp + b*entropy (each times inv_temp):
-// d_i = inv_temp * (a * (onehot_i - p_i) - b * p_i * (z_i - mean_z)), p_i = exp(z_i - lse).
+// Writes d/d(logits) of a*logp + b*entropy (each times inv_temp) over a row of fp32 logits, in place and
+// narrowed to T: d_i = inv_temp * (a * (onehot_i - p_i) - b * p_i * (z_i - mean_z)), p_i = exp(z_i - lse).
+// Element i of the T row starts at byte i * sizeof(T) of the fp32 row, i.e. inside fp32 element <= i, so
+// each round reads its units into registers and synchronizes before any of them is overwritten.
 template <typename T>
-__device__ void write_row_grad(T* x, int64_t vocab, int64_t target, float inv_temp, float lse, float mean_z,
+__device__ void write_row_grad(float* x, int64_t vocab, int64_t target, float inv_temp, float lse, float mean_z,
                                float a, float b) {
   constexpr int N = Pack<T>::kN;
+  static_assert(kUnit % N == 0 && kUnit % Pack<float>::kN == 0);
+  T* out = reinterpret_cast<T*>(x);
   const float ca = a * inv_temp, cb = b * inv_temp;
-  const int64_t n_packs = vocab / N;
   const bool zero = ca == 0.f && cb == 0.f;
-#pragma unroll 4
-  for (int64_t i = threadIdx.x; i < n_packs; i += kRowThreads) {
-    float d[N];
-    if (zero) {
+  auto grad = [&](float z, int64_t i) {
+    float d = zero ? 0.f : -__expf(z - lse) * fmaf(cb, z - mean_z, ca);
+    return i == target ? d + ca : d;
+  };
+  const int64_t n_units = vocab / kUnit;
+  const int64_t tail = n_units * kUnit + threadIdx.x;
+  const bool has_tail = threadIdx.x < kUnit && tail < vocab;
+  const float tail_z = has_tail ? x[tail] * inv_temp : 0.f;
+  for (int64_t base = 0; base < n_units; base += kRowThreads) {
+    const int64_t u = base + threadIdx.x;
+    float d[kUnit];
+    if (u < n_units) {
 #pragma unroll
-      for (int k = 0; k < N; ++k) d[k] = 0.f;
-    } else {
-      float z[N];
-      load_scaled(x + i * N, inv_temp, z);
+      for (int p = 0; p < kUnit / Pack<float>::kN; ++p) {
+        float z[Pack<float>::kN];
+        load_scaled(x + u * kUnit + p * Pack<float>::kN, inv_temp, z);
 #pragma unroll
-      for (int k = 0; k < N; ++k) {
-        const float p = __expf(z[k] - lse);
-        d[k] = -p * fmaf(cb, z[k] - mean_z, ca);
-        if (i * N + k == target) d[k] += ca;
+        for (int k = 0; k < Pack<float>::kN; ++k) d[p * Pack<float>::kN + k] = z[k];
+      }
+#pragma unroll
+      for (int k = 0; k < kUnit; ++k) d[k] = grad(d[k], u * kUnit + k);
+    }
+    __syncthreads();  // this round's units are read before any of them is overwritten
+    if (u < n_units) {
+#pragma unroll
+      for (int p = 0; p < kUnit / N; ++p) {
+        float part[N];
+#pragma unroll
+        for (int k = 0; k < N; ++k) part[k] = d[p * N + k];
+        store_pack(out + u * kUnit + p * N, part);
       }
     }
-    store_pack(x + i * N, d);
   }
-  const int64_t tail = n_packs * N + threadIdx.x;
-  if (tail < vocab) {
-    const float z = static_cast<float>(x[tail]) * inv_temp;
-    float d = zero ? 0.f : -__expf(z - lse) * fmaf(cb, z - mean_z, ca);
-    if (tail == target) d += ca;
-    x[tail] = static_cast<T>(d);
-  }
+  __syncthreads();  // the tail's T slot lies inside fp32 elements read in the last round
+  if (has_tail) out[tail] = static_cast<T>(grad(tail_z, tail));
 }
 
 __device__ __forceinline__ float token_coef(const TokenCoef& c, int64_t t, float logp) {
@@ -166,18 +179,18 @@ struct RowArgs {
   float inv_temp;
   RowMode mode;
   const int64_t* targets;
-  const float* target_logit;  // [T] exact fp32 target logits, already scaled (stats modes)
   float *logp, *entropy, *lse;
   TokenCoef coef;
   const float *grad_logp, *grad_entropy;
 };
 
-// One block per row of the chunk.
+// One block per row of the chunk: fp32 logits in, d/d(logits) in T out (same storage, see write_row_grad).
 template <typename T>
-__global__ void __launch_bounds__(kRowThreads) softmax_rows_kernel(T* logits, RowArgs args) {
+__global__ void __launch_bounds__(kRowThreads) softmax_rows_kernel(float* logits, RowArgs args) {
   __shared__ SoftmaxStats scratch[kRowWarps];
   const int64_t row = blockIdx.x, t = args.row0 + row;
-  T* x = logits + row * args.ld;
+  float* x = logits + row * args.ld;
+  const int64_t target = args.targets[t];
   float lse, mean_z, a, b = 0.f;
   if (args.mode == RowMode::kGrad) {
     lse = args.lse[t];
@@ -189,7 +202,7 @@ __global__ void __launch_bounds__(kRowThreads) softmax_rows_kernel(T* logits, Ro
     const float log_s = logf(st.s), entropy = log_s - st.t / st.s;
     lse = st.m + log_s;
     mean_z = lse - entropy;
-    const float logp = args.target_logit[t] - lse;
+    const float logp = x[target] * args.inv_temp - lse;  // read before write_row_grad's first barrier
     if (threadIdx.x == 0) {
       args.logp[t] = logp;
       args.entropy[t] = entropy;
@@ -198,25 +211,7 @@ __global__ void __launch_bounds__(kRowThreads) softmax_rows_kernel(T* logits, Ro
     if (args.mode == RowMode::kStats) return;
     a = token_coef(args.coef, t, logp);
   }
-  write_row_grad(x, args.vocab, args.targets[t], args.inv_temp, lse, mean_z, a, b);
-}
-
-// out[t] = dot(hidden[t], weight[targets[t]]) * inv_temp in fp32: the target logit without the rounding
-// of the logits buffer (which is in the inputs' dtype). One warp per token.
-template <typename T>
-__global__ void target_logit_kernel(const T* __restrict__ hidden, const T* __restrict__ weight,
-                                    const int64_t* __restrict__ targets, float* __restrict__ out, int64_t tokens,
-                                    int64_t hidden_size, float inv_temp) {
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kTargetWarps + threadIdx.x / 32;
-  if (t >= tokens) return;
-  const T* h = hidden + t * hidden_size;
-  const T* w = weight + targets[t] * hidden_size;
-  float acc = 0.f;
-  for (int64_t j = threadIdx.x % 32; j < hidden_size; j += 32) {
-    acc = fmaf(static_cast<float>(h[j]), static_cast<float>(w[j]), acc);
-  }
-  for (int offset = 16; offset > 0; offset >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-  if (threadIdx.x % 32 == 0) out[t] = acc * inv_temp;
+  write_row_grad<T>(x, args.vocab, target, args.inv_temp, lse, mean_z, a, b);
 }
 
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
@@ -275,50 +270,42 @@ void grad_weight_gemm(const PassArgs& p, const T* h, const T* d, int64_t rows, i
 template <typename T>
 void run_pass_typed(const PassArgs& p) {
   const int64_t tokens = p.hidden.size(0), H = p.hidden.size(1), V = p.weight.size(0);
-  const int64_t ld = round_up(V, kLdAlign);
-  const int64_t rows = chunk_rows(tokens, ld, sizeof(T));
+  const int64_t ld = round_up(V, kLdAlign);              // fp32 logits row stride
+  const int64_t ld_grad = ld * sizeof(float) / sizeof(T);  // the same rows read as T gradients
+  const int64_t rows = chunk_rows(tokens, ld, sizeof(float));
   auto stream = at::cuda::getCurrentCUDAStream();
   const T* hidden = p.hidden.data_ptr<T>();
   const T* weight = p.weight.data_ptr<T>();
   const float inv_temp = static_cast<float>(1.0 / p.temperature);
   const bool grads = p.mode != RowMode::kStats;
 
-  RowArgs args{V, ld, 0, inv_temp, p.mode, p.targets.data_ptr<int64_t>(), nullptr, nullptr, nullptr, nullptr,
-               p.coef, nullptr, nullptr};
-  at::Tensor target_logit;
-  if (p.mode == RowMode::kGrad) {
+  RowArgs args{V, ld, 0, inv_temp, p.mode, p.targets.data_ptr<int64_t>(), nullptr, p.entropy.data_ptr<float>(),
+               p.lse.data_ptr<float>(), p.coef, nullptr, nullptr};
+  if (p.mode != RowMode::kGrad) {
+    args.logp = p.logp.data_ptr<float>();
+  } else {
     args.grad_logp = p.grad_logp.data_ptr<float>();
     args.grad_entropy = p.grad_entropy.data_ptr<float>();
-    args.entropy = p.entropy.data_ptr<float>();
-    args.lse = p.lse.data_ptr<float>();
-  } else {
-    target_logit = at::empty({tokens}, p.hidden.options().dtype(at::kFloat));
-    target_logit_kernel<T><<<ceil_div(tokens, kTargetWarps), kTargetWarps * 32, 0, stream>>>(
-        hidden, weight, args.targets, target_logit.data_ptr<float>(), tokens, H, inv_temp);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    args.target_logit = target_logit.data_ptr<float>();
-    args.logp = p.logp.data_ptr<float>();
-    args.entropy = p.entropy.data_ptr<float>();
-    args.lse = p.lse.data_ptr<float>();
   }
 
-  auto buffer = at::empty({rows, ld}, p.hidden.options());
-  T* logits = buffer.data_ptr<T>();
+  auto buffer = at::empty({rows, ld}, p.hidden.options().dtype(at::kFloat));
+  float* logits = buffer.data_ptr<float>();
+  const T* d = reinterpret_cast<const T*>(logits);
   for (int64_t start = 0; start < tokens; start += rows) {
     const int64_t n = std::min(rows, tokens - start);
     const T* h = hidden + start * H;
-    // logits [n, V] = h [n, H] @ weight^T
-    gemm<T, T>('t', 'n', V, n, H, weight, H, h, H, 0.f, logits, ld);
+    // logits [n, V] = h [n, H] @ weight^T, fp32 out: the log-sum-exp sees unrounded logits
+    gemm<T, float>('t', 'n', V, n, H, weight, H, h, H, 0.f, logits, ld);
     args.row0 = start;
     softmax_rows_kernel<T><<<n, kRowThreads, 0, stream>>>(logits, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     if (!grads) continue;
     if (p.grad_hidden.defined()) {
       // grad_hidden [n, H] = D [n, V] @ weight [V, H]
-      gemm<T, T>('n', 'n', H, n, V, weight, H, logits, ld, 0.f, p.grad_hidden.data_ptr<T>() + start * H, H);
+      gemm<T, T>('n', 'n', H, n, V, weight, H, d, ld_grad, 0.f, p.grad_hidden.data_ptr<T>() + start * H, H);
     }
     if (p.grad_weight.defined()) {
-      grad_weight_gemm<T>(p, h, logits, n, ld, (p.accumulate_grad_weight || start > 0) ? 1.f : 0.f);
+      grad_weight_gemm<T>(p, h, d, n, ld_grad, (p.accumulate_grad_weight || start > 0) ? 1.f : 0.f);
     }
   }
 }
