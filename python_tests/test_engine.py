@@ -217,8 +217,8 @@ def test_invalid_requests(model):
         engine.generate([[1]], SamplingParams(n=3))
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0)
-    with pytest.raises(ValueError, match="speculative"):
-        Engine(model, max_batch=1, max_seq_len=8, speculative_tokens=2)
+    with pytest.raises(ValueError, match="speculative_tokens=-1"):
+        Engine(model, max_batch=1, max_seq_len=8, speculative_tokens=-1)
 
 
 # -------------------------------------------------------------------- routing replay

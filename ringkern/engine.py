@@ -21,12 +21,33 @@ How a call runs:
   kernels against the dozens per layer the graph saves. One host sync per step reads the tokens back
   for stop checks and streaming.
 
+Speculative decoding (``speculative_tokens=d``): the model's MTP layers draft d tokens per sequence and
+the main model verifies them in one forward over a window of d+1 new positions per row (plus D-1
+positions it already holds, D = min(d, num_nextn_predict_layers), which the chained MTP depths need);
+every accepted draft and one more token commit per step. Drafts 1..D come from MTP depths 1..D chained
+at the last committed position (depth j reads draft j-1 as its next token); drafts beyond D reuse the
+last MTP layer one position further each time, its own output standing in for the previous depth's
+hidden state there. The cache holds the MTP layers too. After a step with c committed tokens, the
+main model's keys/values are exact up to position c-2 and MTP depth j's up to c-1-j (whose next
+token is committed); every position past those is rewritten by the next window before any query reads
+it, and positions beyond a query's own are masked, so rejected drafts never leak. Greedy: a draft is
+accepted when it is the main model's argmax, so the tokens equal plain greedy decoding. Sampling: the
+standard rejection rule (accept draft x with probability min(1, p(x)/q(x)), p and q the main model's
+and the draft's filtered distributions; on rejection draw from normalize(max(p - q, 0)); after d
+accepts draw a bonus token from p), so the output distribution is plain sampling's. The verify forward
+is captured in CUDA graphs per batch bucket like the decode step; the draft layers run eagerly (both
+without host syncs), and one host sync per step reads the committed tokens back.
+
 Sampling: logits / temperature, then top-k, then top-p (nucleus, over the top-k survivors), then min-p
 (drop tokens below min_p times the top probability), then a Gumbel-max draw. The Gumbel noise of the
 token drawn at generated index g of completion c is a fixed hash of (seed, c, g, vocabulary index), so a
 seeded call is reproducible and each sample is independent of how it was batched. ``logprobs`` are
 the fp32 log-probabilities of the drawn tokens under that filtered distribution (temperature 0: greedy,
-log-probabilities under the untempered distribution): pi_infer for IcePop.
+log-probabilities under the untempered distribution): pi_infer for IcePop. Speculative decoding keeps
+that contract (the log-probs are the main model's, under the distribution the committed token follows)
+and draws its own randomness from the same hash: draft tokens, acceptance uniforms and residual draws
+use the completion's key xor a fixed salt at the generated index they decide; a bonus token uses the
+plain key, so it is the token plain sampling would draw there.
 """
 from __future__ import annotations
 
@@ -46,6 +67,8 @@ _MASK32 = 0xFFFFFFFF
 _MIX_A, _MIX_B = 0x2C1B3C6D, 0x297A2D39
 # Prompt tokens of one prefill call (the joining prompts are split into calls under this budget).
 _PREFILL_TOKENS = 8192
+# Noise-key salts of speculative decoding's random draws (see the module docstring).
+_DRAFT_SALT, _ACCEPT_SALT, _RESIDUAL_SALT = 0x5BD1E995, 0x68E31DA4, 0x1B873593
 
 
 @dataclass(frozen=True)
@@ -114,12 +137,30 @@ class Completion:
 @dataclass
 class EngineStats:
     """Counters of the last ``generate``/``stream`` call. Times are host wall-clock and include sampling
-    and the one host sync per step, so they are complete (no GPU work left in flight)."""
+    and the one host sync per step, so they are complete (no GPU work left in flight).
+
+    ``decode_rows`` sums the active sequences over the decode steps. With speculative decoding a decode
+    step is one verify step (plus the drafting for the next); ``drafted_tokens`` counts the drafts
+    verified (d per row and step), ``accepted_tokens`` those the verifier accepted (before any stop cut
+    the step short)."""
     prefill_tokens: int = 0
     prefill_seconds: float = 0.0
     decode_steps: int = 0
+    decode_rows: int = 0
     decode_tokens: int = 0
     decode_seconds: float = 0.0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+
+    @property
+    def acceptance_rate(self) -> float:
+        """Accepted over drafted tokens (NaN without drafts)."""
+        return self.accepted_tokens / self.drafted_tokens if self.drafted_tokens else float("nan")
+
+    @property
+    def tokens_per_step(self) -> float:
+        """Tokens committed per sequence and decode (verify) step: 1 without speculation (NaN without steps)."""
+        return self.decode_tokens / self.decode_rows if self.decode_rows else float("nan")
 
 
 Event = tuple[int, int, float]  # (completion_index, token_id, logprob)
@@ -145,14 +186,17 @@ class Engine:
     max_batch: cache rows (sequences decoded together); max_seq_len: positions per row (prompt plus
     completion). device: defaults to the model's; the model is moved there. tokenizer: a
     :class:`ringkern.tokenizer.RingTokenizer`, needed for stop strings. cuda_graphs: capture decode steps
-    on CUDA (False: eager, e.g. to compare). speculative_tokens: must be 0 (no draft model yet).
+    on CUDA (False: eager, e.g. to compare). speculative_tokens: drafts per step from the model's MTP
+    layers (0 = plain decoding; any d >= 1 works with at least one MTP layer, see the module docstring).
     """
 
     def __init__(self, model: RingFlashModel, *, max_batch: int = 8, max_seq_len: int = 2048, device=None,
                  speculative_tokens: int = 0, tokenizer=None, cuda_graphs: bool = True):
-        if speculative_tokens != 0:
-            raise ValueError(f"speculative_tokens={speculative_tokens}: expected 0 (speculative decoding with the "
-                             "MTP draft layer is not implemented)")
+        if not isinstance(speculative_tokens, int) or speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens={speculative_tokens!r}: expected an int >= 0 (0 = no speculation)")
+        if speculative_tokens and not model.config.num_nextn_predict_layers:
+            raise ValueError(f"speculative_tokens={speculative_tokens}: the model has no MTP layers to draft with "
+                             "(num_nextn_predict_layers=0); expected 0")
         if max_batch < 1 or max_seq_len < 2:
             raise ValueError(f"max_batch={max_batch}, max_seq_len={max_seq_len}: expected >= 1 and >= 2")
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -161,13 +205,21 @@ class Engine:
         self.tokenizer = tokenizer
         self.max_batch, self.max_seq_len = max_batch, max_seq_len
         self.dtype = model.lm_head.weight.dtype
-        self.cache = KVCache.allocate(self.config, max_batch, max_seq_len, dtype=self.dtype, device=self.device)
+        self.speculative_tokens = speculative_tokens
+        self.draft_depths = min(speculative_tokens, self.config.num_nextn_predict_layers)  # D chained MTP depths
+        # A live sequence's verify window and drafts reach up to 2d positions past its last one.
+        self.cache = KVCache.allocate(self.config, max_batch, max_seq_len + 2 * speculative_tokens, dtype=self.dtype,
+                                      device=self.device, mtp=speculative_tokens > 0)
         self.moe_layers = [i for i in range(self.config.num_hidden_layers) if self.config.is_moe_layer(i)]
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.batch_buckets = sorted({min(1 << i, max_batch) for i in range(max_batch.bit_length() + 1)})
-        self._tokens = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)  # static decode inputs
-        self._positions = torch.zeros(max_batch, 1, dtype=torch.long, device=self.device)
-        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
+        window = self.draft_depths + speculative_tokens if speculative_tokens else 1
+        self._tokens = torch.zeros(max_batch, window, dtype=torch.long, device=self.device)  # static step inputs
+        self._positions = torch.zeros(max_batch, window, dtype=torch.long, device=self.device)
+        self._drafts = torch.zeros(max_batch, speculative_tokens, dtype=torch.long, device=self.device)  # per row
+        self._draft_logq = torch.zeros(max_batch, speculative_tokens, self.config.vocab_size if speculative_tokens
+                                       else 0, device=self.device)  # the drafts' filtered log-distributions
+        self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._vocab_hash: torch.Tensor | None = None
         self.stats = EngineStats()
@@ -226,9 +278,10 @@ class Engine:
                 yield from events
             if active:
                 start = time.perf_counter()
-                events = self._decode(active, params)
+                events = self._speculate(active, params) if self.speculative_tokens else self._decode(active, params)
                 stats.decode_seconds += time.perf_counter() - start
                 stats.decode_steps += 1
+                stats.decode_rows += len(active)
                 stats.decode_tokens += len(events)
                 self._retire(active)
                 yield from events
@@ -241,6 +294,8 @@ class Engine:
             last = active.pop()
             if row < len(active):
                 self.cache.copy_row(len(active), row, last.length)
+                self._drafts[row] = self._drafts[len(active)]
+                self._draft_logq[row] = self._draft_logq[len(active)]
                 active[row] = last
 
     # ----------------------------------------------------------------- prefill
@@ -267,7 +322,35 @@ class Engine:
             for i, s in enumerate(new):
                 s.routing.append(routing[i // n, :, : len(s.prompt)])
         active.extend(new)
-        return self._sample(new, logits, params)
+        events = self._sample(new, logits, params)
+        if self.speculative_tokens:
+            self._draft_after_prefill(new, first_row, out.hidden_states.repeat_interleave(n, dim=0), params)
+        return events
+
+    def _draft_after_prefill(self, new: list[_Sequence], first_row: int, hidden: torch.Tensor,
+                             params: SamplingParams) -> None:
+        """Fill the MTP layers' cache over the new prompts and draft their first step (rows from first_row).
+
+        hidden [b, T, H]: the prefill's main hidden states, one row per new sequence. Drafts past the MTP
+        depths would need single-position cached steps on these rows; instead they repeat the last draft as a
+        deterministic guess (q one-hot), which the acceptance rule handles exactly, for this first step only.
+        """
+        b, T, _ = hidden.shape
+        D, k = self.draft_depths, self.speculative_tokens
+        ext = torch.zeros(b, T + D, dtype=torch.long)
+        mask = torch.zeros(b, T, dtype=torch.bool)
+        for i, s in enumerate(new):
+            ext[i, : len(s.prompt) + 1] = torch.tensor(s.prompt + s.completion.token_ids[:1])
+            mask[i, : len(s.prompt)] = True
+        anchor = torch.tensor([len(s.prompt) - 1 for s in new], device=self.device)
+        rows = torch.arange(first_row, first_row + b, device=self.device)
+        drafts, logq, _ = self._draft_depths(hidden, ext.to(self.device), anchor, *self._noise_inputs(new, b, 0),
+                                             params, attention_mask=mask.to(self.device), cache_rows=rows)
+        guess = drafts[-1]
+        drafts += [guess] * (k - D)
+        logq += [torch.full_like(logq[-1], float("-inf")).scatter_(1, guess.unsqueeze(1), 0.0)] * (k - D)
+        self._drafts[rows] = torch.stack(drafts, dim=1)
+        self._draft_logq[rows] = torch.stack(logq, dim=1)
 
     # ------------------------------------------------------------------ decode
     @torch.no_grad()
@@ -281,7 +364,7 @@ class Engine:
         inputs[1, :count, 0] = torch.tensor([s.length - 1 for s in active])
         self._tokens[:batch].copy_(inputs[0])
         self._positions[:batch].copy_(inputs[1])
-        logits, routing = self._replay(batch) if self.use_graphs else self._decode_forward(batch)
+        logits, routing = self._step(self._decode_forward, batch)
         if params.return_expert_ids and self.moe_layers:
             routing = routing[:, :count].cpu()  # [L_moe, count, k]
             for row, s in enumerate(active):
@@ -298,42 +381,189 @@ class Engine:
                    else torch.zeros(0, batch, k, dtype=torch.int32, device=self.device))
         return logits, routing
 
-    def _replay(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        if batch not in self._graphs:
-            self._graphs[batch] = self._capture(batch)
-        graph, outputs = self._graphs[batch]
+    def _step(self, forward, batch: int) -> tuple[torch.Tensor, ...]:
+        """``forward(batch)`` on the static inputs: replayed from a CUDA graph captured once per (step, batch
+        bucket) when graphs are on, else run eagerly."""
+        if not self.use_graphs:
+            return forward(batch)
+        key = (forward.__name__, batch)
+        if key not in self._graphs:
+            self._graphs[key] = self._capture(forward, batch)
+        graph, outputs = self._graphs[key]
         graph.replay()
         return outputs
 
-    def _capture(self, batch: int):
-        """Capture the decode step for ``batch`` rows. The static inputs already hold this step's tokens,
+    def _capture(self, forward, batch: int):
+        """Capture ``forward`` for ``batch`` rows. The static inputs already hold this step's tokens,
         so the warm-up runs write exactly the keys/values the replay writes again."""
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._decode_forward(batch)
+                forward(batch)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):
-            outputs = self._decode_forward(batch)
+            outputs = forward(batch)
         return graph, outputs
+
+    # --------------------------------------------------------- speculative decoding
+    @torch.no_grad()
+    def _speculate(self, active: list[_Sequence], params: SamplingParams) -> list[Event]:
+        """One speculative step of every active sequence: verify its drafts, draft the next step, commit."""
+        count, k = len(active), self.speculative_tokens
+        batch = next(b for b in self.batch_buckets if b >= count) if self.device.type == "cuda" else count
+        offsets = self._window_inputs(active, batch)
+        logits, hidden, routing = self._step(self._verify_forward, batch)  # [b, W, V], [b, W, H], [L_moe, b, W, k]
+        rows = torch.arange(batch, device=self.device)
+        predicting = (offsets - 1).unsqueeze(1) + torch.arange(k + 1, device=self.device)  # [b, k+1] window index
+        keys, steps = self._noise_inputs(active, batch, 0)
+        tokens, logprobs, accepted = verify_drafts(
+            logits.gather(1, predicting.unsqueeze(-1).expand(-1, -1, logits.shape[-1])), self._drafts[:batch],
+            self._draft_logq[:batch], params, keys, steps, self._noise_basis(logits.shape[-1]))
+        ext = torch.cat([self._tokens[:batch], self._tokens.new_zeros(batch, self.draft_depths)], dim=1)
+        ext[rows, offsets + accepted] = tokens[rows, accepted]  # the committed correction / bonus token
+        anchor = offsets + accepted - 1  # window index of the draft position: the second-to-last committed one
+        drafts, logq, last_hidden = self._draft_depths(hidden, ext, anchor, keys, steps + accepted + 1, params,
+                                                       position_ids=self._positions[:batch])
+        self._draft_beyond_depths(drafts, logq, last_hidden, self._positions[rows, anchor], keys,
+                                  steps + accepted + 1, params)
+        self._drafts[:batch] = torch.stack(drafts, dim=1)
+        self._draft_logq[:batch] = torch.stack(logq, dim=1)
+        return self._commit_window(active, tokens, logprobs, accepted, offsets, routing, params)
+
+    def _window_inputs(self, active: list[_Sequence], batch: int) -> torch.Tensor:
+        """Write each row's verify window into the static inputs; returns its committed-token count [b].
+
+        A row's window covers positions [c - D, c + d) for c committed tokens: its last D committed tokens
+        (fewer at the very start), then its d drafts, then padding. Spare rows hold token 0 from position 0.
+        """
+        D, k = self.draft_depths, self.speculative_tokens
+        ids = torch.zeros(batch, D + k, dtype=torch.long)
+        starts, offsets = torch.zeros(batch, dtype=torch.long), torch.ones(batch, dtype=torch.long)
+        for row, s in enumerate(active):
+            tail = _last_tokens(s, min(D, s.length))
+            ids[row, : len(tail)] = torch.tensor(tail)
+            starts[row], offsets[row] = s.length - len(tail), len(tail)
+        self._tokens[:batch].copy_(ids)
+        self._positions[:batch].copy_(starts.unsqueeze(1) + torch.arange(D + k))
+        offsets = offsets.to(self.device)
+        self._tokens[:batch].scatter_(1, offsets.unsqueeze(1) + torch.arange(k, device=self.device),
+                                      self._drafts[:batch])
+        return offsets
+
+    def _verify_forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The main model over the static windows of rows 0..batch-1: (logits [b, W, V] fp32, hidden [b, W, H],
+        expert ids [L_moe, b, W, k])."""
+        out = self.model(self._tokens[:batch], position_ids=self._positions[:batch], kv_cache=self.cache,
+                         compute_logits=False, compute_mtp=False)
+        logits = self.model.lm_head(out.hidden_states).float()
+        k, width = self.config.num_experts_per_tok, self._tokens.shape[1]
+        routing = (torch.stack([out.expert_ids[i] for i in self.moe_layers]) if self.moe_layers
+                   else torch.zeros(0, batch, width, k, dtype=torch.int32, device=self.device))
+        return logits, out.hidden_states, routing
+
+    def _draft_depths(self, hidden: torch.Tensor, ext: torch.Tensor, anchor: torch.Tensor, keys: torch.Tensor,
+                      steps: torch.Tensor, params: SamplingParams, **cache_args
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
+        """Run MTP depths 1..D over a window of positions, each drafting one token at the draft position.
+
+        hidden [b, W, H]: the main model's hidden states of the window; ext [b, W + D]: the window's tokens,
+        the last committed one at anchor + 1 (the drafts are written after it); anchor [b]: window index of
+        the draft position; steps [b]: generated index of draft 1. cache_args: the cache mode of
+        :meth:`RingFlashModel.mtp_forward` (cache_rows and attention_mask, or position_ids [b, W]).
+        Returns (D drafts [b], their filtered log-distributions [b, V], depth D's hidden at the draft
+        position [b, 1, H]).
+        """
+        rows = torch.arange(hidden.shape[0], device=self.device)
+        width = hidden.shape[1]
+        drafts, logq = [], []
+        h = hidden
+        for depth in range(1, self.draft_depths + 1):
+            h, _ = self.model.mtp_forward(depth, h, ext[:, depth: depth + width], kv_cache=self.cache, **cache_args)
+            token, token_logq = self._draw_draft(h[rows, anchor], keys, steps + depth - 1, params)
+            if depth < self.draft_depths:  # the next depth's next token at the draft position
+                ext[rows, anchor + 1 + depth] = token
+            drafts.append(token)
+            logq.append(token_logq)
+        return drafts, logq, h[rows, anchor].unsqueeze(1)
+
+    def _draft_beyond_depths(self, drafts: list[torch.Tensor], logq: list[torch.Tensor], h: torch.Tensor,
+                             position: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor,
+                             params: SamplingParams) -> None:
+        """Append drafts D+1..d to ``drafts``/``logq``: the last MTP layer one position further each time
+        (decode mode on rows 0..b-1), fed its own output h [b, 1, H] at the previous position as the hidden
+        state and the previous draft as the next token. position [b]: the draft position. Its keys/values
+        there are stand-ins that the next verify window rewrites."""
+        for i in range(self.draft_depths, self.speculative_tokens):
+            position = position + 1
+            h, _ = self.model.mtp_forward(self.draft_depths, h, drafts[-1].unsqueeze(1),
+                                          position_ids=position.unsqueeze(1), kv_cache=self.cache)
+            token, token_logq = self._draw_draft(h[:, 0], keys, steps + i, params)
+            drafts.append(token)
+            logq.append(token_logq)
+
+    def _draw_draft(self, hidden: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor, params: SamplingParams
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Draw a draft from the MTP head at hidden [b, H]: (tokens [b], filtered log-distribution [b, V])."""
+        logits = self.model.lm_head(hidden).float()
+        logq = filtered_logprobs(logits, params)
+        if params.greedy:
+            return logits.argmax(-1), logq
+        noise = gumbel_noise(keys ^ _DRAFT_SALT, steps, self._noise_basis(logits.shape[-1]))
+        return (logq + noise).argmax(-1), logq
+
+    def _commit_window(self, active: list[_Sequence], tokens: torch.Tensor, logprobs: torch.Tensor,
+                       accepted: torch.Tensor, offsets: torch.Tensor, routing: torch.Tensor,
+                       params: SamplingParams) -> list[Event]:
+        """Append each row's accepted drafts and correction token, cutting at a stop (the step's host sync)."""
+        count = len(active)
+        tokens, logprobs, accepted, offsets = (t[:count].tolist() for t in (tokens, logprobs, accepted, offsets))
+        keep_routing = params.return_expert_ids and self.moe_layers
+        if keep_routing:
+            routing = routing[:, :count].cpu()  # [L_moe, count, W, k]
+        events = []
+        for row, s in enumerate(active):
+            self.stats.drafted_tokens += self.speculative_tokens
+            self.stats.accepted_tokens += accepted[row]
+            emitted = 0
+            for token, logprob in zip(tokens[row][: accepted[row] + 1], logprobs[row][: accepted[row] + 1]):
+                events.append(self._append(s, token, logprob, params))
+                emitted += 1
+                if s.completion.finish_reason is not None:
+                    break
+            if keep_routing:  # the fed positions whose outputs committed: the last committed one onwards
+                s.routing.append(routing[:, row, offsets[row] - 1: offsets[row] - 1 + emitted])
+            self._collect_expert_ids(s, params)
+        return events
 
     # ---------------------------------------------------------------- sampling
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, params: SamplingParams) -> list[Event]:
         """Draw each sequence's next token, append it, decide whether it finished; returns the events."""
-        keys = torch.tensor([s.noise_key for s in seqs], device=self.device)
-        steps = torch.tensor([len(s.completion.token_ids) for s in seqs], device=self.device)
+        keys, steps = self._noise_inputs(seqs, len(seqs), 0)
         tokens, logprobs = sample(logits, params, keys, steps, self._noise_basis(logits.shape[-1]))
         events = []
         for s, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
-            s.completion.token_ids.append(token)
-            s.completion.logprobs.append(logprob)
-            s.completion.finish_reason = self._finish_reason(s, params)
-            if s.completion.finish_reason is not None and params.return_expert_ids:
-                s.completion.expert_ids = self._expert_ids(s)
-            events.append((s.index, token, logprob))
+            events.append(self._append(s, token, logprob, params))
+            self._collect_expert_ids(s, params)
         return events
+
+    def _noise_inputs(self, seqs: list[_Sequence], rows: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise keys [rows], generated counts + extra [rows]) on the device; rows past the sequences get 0."""
+        keys = [s.noise_key for s in seqs] + [0] * (rows - len(seqs))
+        steps = [len(s.completion.token_ids) + extra for s in seqs] + [0] * (rows - len(seqs))
+        return torch.tensor(keys, device=self.device), torch.tensor(steps, device=self.device)
+
+    def _append(self, seq: _Sequence, token: int, logprob: float, params: SamplingParams) -> Event:
+        """Append one token to the completion and decide whether it finished."""
+        seq.completion.token_ids.append(token)
+        seq.completion.logprobs.append(logprob)
+        seq.completion.finish_reason = self._finish_reason(seq, params)
+        return seq.index, token, logprob
+
+    def _collect_expert_ids(self, seq: _Sequence, params: SamplingParams) -> None:
+        if seq.completion.finish_reason is not None and params.return_expert_ids:
+            seq.completion.expert_ids = self._expert_ids(seq)
 
     def _expert_ids(self, seq: _Sequence) -> dict[int, torch.Tensor]:
         """MoE layer -> [len(prompt) + generated - 1, k] int32 (see Completion); frees the chunks."""
@@ -370,12 +600,60 @@ def sample(logits: torch.Tensor, params: SamplingParams, noise_keys: torch.Tenso
 
     logits: [B, V] fp32; noise_keys, steps: [B] int64 (see the module docstring); vocab_hash: hash32(arange(V)).
     """
-    if params.greedy:
-        tokens = logits.argmax(-1)
-        return tokens, torch.log_softmax(logits, -1).gather(1, tokens.unsqueeze(1)).squeeze(1)
-    logp = torch.log_softmax(filter_logits(logits / params.temperature, params), -1)  # [B, V], -inf = dropped
-    tokens = (logp + gumbel_noise(noise_keys, steps, vocab_hash)).argmax(-1)
+    logp = filtered_logprobs(logits, params)  # [B, V], -inf = dropped
+    tokens = logits.argmax(-1) if params.greedy else (logp + gumbel_noise(noise_keys, steps, vocab_hash)).argmax(-1)
     return tokens, logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+
+def filtered_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """fp32 log-probabilities [B, V] of the distribution sampled from (-inf = filtered out); greedy: the
+    untempered distribution. logits: [B, V] fp32."""
+    if params.greedy:
+        return torch.log_softmax(logits, -1)
+    return torch.log_softmax(filter_logits(logits / params.temperature, params), -1)
+
+
+def verify_drafts(logits: torch.Tensor, drafts: torch.Tensor, draft_logq: torch.Tensor, params: SamplingParams,
+                  noise_keys: torch.Tensor, steps: torch.Tensor, vocab_hash: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The speculative acceptance rule for k drafts per row (see the module docstring).
+
+    logits: [B, k+1, V] fp32, the main model's at the positions predicting draft 1..k and the token after
+    draft k; drafts: [B, k]; draft_logq: [B, k, V] the filtered log-distributions the drafts were drawn
+    from (unused when greedy); noise_keys: [B]; steps: [B] generated index of draft 1.
+    Returns (tokens [B, k+1], fp32 log-probs [B, k+1] under the main model's distribution the token
+    follows, accepted [B] int64): a row commits tokens[:accepted + 1], its accepted drafts then the
+    correction (drawn from normalize(max(p - q, 0))) or, after k accepts, the bonus token (drawn from p).
+    """
+    B, width, V = logits.shape
+    k = width - 1
+    index = torch.arange(width, device=logits.device)
+    step_ids = steps.unsqueeze(1) + index  # [B, k+1]
+    logp = filtered_logprobs(logits.reshape(B * width, V), params).view(B, width, V)
+    if params.greedy:
+        fallback = logits.argmax(-1)  # [B, k+1]
+        accept = drafts == fallback[:, :k]
+    else:
+        keys = noise_keys.unsqueeze(1).expand(B, width)
+        p, q = logp[:, :k].exp(), draft_logq.exp()  # [B, k, V]
+        p_draft, q_draft = (t.gather(2, drafts.unsqueeze(-1)).squeeze(-1) for t in (p, q))  # [B, k]
+        accept = hashed_uniform(keys[:, :k] ^ _ACCEPT_SALT, step_ids[:, :k]) * q_draft < p_draft
+        residual = (p - q).clamp_min(0)
+        residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)  # p == q: never rejected
+        resampled = _gumbel_argmax(residual.log(), keys[:, :k] ^ _RESIDUAL_SALT, step_ids[:, :k], vocab_hash)
+        bonus = _gumbel_argmax(logp[:, k:], keys[:, k:], step_ids[:, k:], vocab_hash)
+        fallback = torch.cat([resampled, bonus], dim=1)
+    accepted = accept.long().cumprod(1).sum(1)  # [B] leading accepts
+    tokens = torch.where(index < accepted.unsqueeze(1), torch.nn.functional.pad(drafts, (0, 1)), fallback)
+    return tokens, logp.gather(2, tokens.unsqueeze(-1)).squeeze(-1), accepted
+
+
+def _gumbel_argmax(logp: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor, vocab_hash: torch.Tensor
+                   ) -> torch.Tensor:
+    """Gumbel-max draws [B, n] from log-weights [B, n, V] with the noise of (keys, steps) [B, n]."""
+    B, n, V = logp.shape
+    noise = gumbel_noise(keys.reshape(-1), steps.reshape(-1), vocab_hash).view(B, n, V)
+    return (logp + noise).argmax(-1)
 
 
 def filter_logits(scaled: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -413,6 +691,18 @@ def gumbel_noise(noise_keys: torch.Tensor, steps: torch.Tensor, vocab_hash: torc
     return -torch.log(-torch.log(uniform))
 
 
+def hashed_uniform(noise_keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """Uniform(0, 1) fp32, a fixed function of (key, step); any matching shapes of int64 tensors."""
+    bits = hash32(hash32(noise_keys ^ hash32(steps & _MASK32))) >> 8  # 24 random bits
+    return (bits.float() + 0.5) / float(1 << 24)
+
+
+def _last_tokens(seq: _Sequence, count: int) -> list[int]:
+    """The last ``count`` tokens of prompt + completion (count <= its length)."""
+    tail = seq.completion.token_ids[len(seq.completion.token_ids) - count:] if count else []
+    return seq.prompt[len(seq.prompt) - (count - len(tail)):] + tail if len(tail) < count else tail
+
+
 def _noise_key(seed: int, completion_index: int) -> int:
     """32-bit noise key of one completion of a seeded call."""
     return random.Random(f"{seed}:{completion_index}").getrandbits(32)
@@ -432,4 +722,4 @@ def _prefill_groups(prompt_indices: list[int], prompts: list[list[int]]) -> Iter
 
 
 __all__ = ["Completion", "Engine", "EngineStats", "SamplingParams", "FINISH_LENGTH", "FINISH_STOP", "filter_logits",
-           "gumbel_noise", "hash32", "sample"]
+           "filtered_logprobs", "gumbel_noise", "hash32", "hashed_uniform", "sample", "verify_drafts"]
