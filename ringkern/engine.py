@@ -34,9 +34,10 @@ it, and positions beyond a query's own are masked, so rejected drafts never leak
 accepted when it is the main model's argmax, so the tokens equal plain greedy decoding. Sampling: the
 standard rejection rule (accept draft x with probability min(1, p(x)/q(x)), p and q the main model's
 and the draft's filtered distributions; on rejection draw from normalize(max(p - q, 0)); after d
-accepts draw a bonus token from p), so the output distribution is plain sampling's. The verify forward
-is captured in CUDA graphs per batch bucket like the decode step; the draft layers run eagerly (both
-without host syncs), and one host sync per step reads the committed tokens back.
+accepts draw a bonus token from p), so the output distribution is plain sampling's. On CUDA the verify
+forward and each chained MTP depth's forward are captured in CUDA graphs per batch bucket like the decode
+step; the acceptance rule, the draft draws and the drafts past the depths run eagerly, all without host
+syncs, and one host sync per step reads the committed tokens back.
 
 Sampling: logits / temperature, then top-k, then top-p (nucleus, over the top-k survivors), then min-p
 (drop tokens below min_p times the top probability), then a Gumbel-max draw. The Gumbel noise of the
@@ -51,6 +52,7 @@ plain key, so it is the token plain sampling would draw there.
 """
 from __future__ import annotations
 
+import functools
 import random
 import time
 from collections import deque
@@ -219,6 +221,13 @@ class Engine:
         self._drafts = torch.zeros(max_batch, speculative_tokens, dtype=torch.long, device=self.device)  # per row
         self._draft_logq = torch.zeros(max_batch, speculative_tokens, self.config.vocab_size if speculative_tokens
                                        else 0, device=self.device)  # the drafts' filtered log-distributions
+        # Static inputs/outputs of the captured draft depths: the window's tokens with the committed token and
+        # the drafts after it [R, W + D], the draft position's window index [R], and the hidden states that
+        # feed depth j (entry j-1: the main model's for depth 1, then depth j-1's) [R, W, H].
+        self._ext = torch.zeros(max_batch, window + self.draft_depths, dtype=torch.long, device=self.device)
+        self._anchor = torch.zeros(max_batch, dtype=torch.long, device=self.device)
+        self._depth_inputs = [torch.zeros(max_batch, window, self.config.hidden_size, dtype=self.dtype,
+                                          device=self.device) for _ in range(self.draft_depths + 1)]
         self._graphs: dict[tuple[str, int], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, ...]]] = {}
         self._graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self._vocab_hash: torch.Tensor | None = None
@@ -342,10 +351,19 @@ class Engine:
         for i, s in enumerate(new):
             ext[i, : len(s.prompt) + 1] = torch.tensor(s.prompt + s.completion.token_ids[:1])
             mask[i, : len(s.prompt)] = True
+        ext, mask = ext.to(self.device), mask.to(self.device)
         anchor = torch.tensor([len(s.prompt) - 1 for s in new], device=self.device)
         rows = torch.arange(first_row, first_row + b, device=self.device)
-        drafts, logq, _ = self._draft_depths(hidden, ext.to(self.device), anchor, *self._noise_inputs(new, b, 0),
-                                             params, attention_mask=mask.to(self.device), cache_rows=rows)
+        depth_input = hidden
+
+        def run_depth(depth: int) -> tuple[torch.Tensor, torch.Tensor]:
+            nonlocal depth_input
+            depth_input, _ = self.model.mtp_forward(depth, depth_input, ext[:, depth: depth + T], attention_mask=mask,
+                                                    kv_cache=self.cache, cache_rows=rows)
+            at_draft = depth_input[torch.arange(b, device=self.device), anchor]
+            return self.model.lm_head(at_draft).float(), at_draft
+
+        drafts, logq, _ = self._draft_depths(run_depth, ext, anchor, *self._noise_inputs(new, b, 0), params)
         guess = drafts[-1]
         drafts += [guess] * (k - D)
         logq += [torch.full_like(logq[-1], float("-inf")).scatter_(1, guess.unsqueeze(1), 0.0)] * (k - D)
@@ -364,7 +382,7 @@ class Engine:
         inputs[1, :count, 0] = torch.tensor([s.length - 1 for s in active])
         self._tokens[:batch].copy_(inputs[0])
         self._positions[:batch].copy_(inputs[1])
-        logits, routing = self._step(self._decode_forward, batch)
+        logits, routing = self._step("decode", self._decode_forward, batch)
         if params.return_expert_ids and self.moe_layers:
             routing = routing[:, :count].cpu()  # [L_moe, count, k]
             for row, s in enumerate(active):
@@ -381,12 +399,12 @@ class Engine:
                    else torch.zeros(0, batch, k, dtype=torch.int32, device=self.device))
         return logits, routing
 
-    def _step(self, forward, batch: int) -> tuple[torch.Tensor, ...]:
-        """``forward(batch)`` on the static inputs: replayed from a CUDA graph captured once per (step, batch
-        bucket) when graphs are on, else run eagerly."""
+    def _step(self, name: str, forward, batch: int) -> tuple[torch.Tensor, ...]:
+        """``forward(batch)`` on the static inputs: replayed from a CUDA graph captured once per (step name,
+        batch bucket) when graphs are on, else run eagerly."""
         if not self.use_graphs:
             return forward(batch)
-        key = (forward.__name__, batch)
+        key = (name, batch)
         if key not in self._graphs:
             self._graphs[key] = self._capture(forward, batch)
         graph, outputs = self._graphs[key]
@@ -414,18 +432,20 @@ class Engine:
         count, k = len(active), self.speculative_tokens
         batch = next(b for b in self.batch_buckets if b >= count) if self.device.type == "cuda" else count
         offsets = self._window_inputs(active, batch)
-        logits, hidden, routing = self._step(self._verify_forward, batch)  # [b, W, V], [b, W, H], [L_moe, b, W, k]
+        logits, routing = self._step("verify", self._verify_forward, batch)  # [b, W, V] fp32, [L_moe, b, W, k]
         rows = torch.arange(batch, device=self.device)
         predicting = (offsets - 1).unsqueeze(1) + torch.arange(k + 1, device=self.device)  # [b, k+1] window index
         keys, steps = self._noise_inputs(active, batch, 0)
         tokens, logprobs, accepted = verify_drafts(
             logits.gather(1, predicting.unsqueeze(-1).expand(-1, -1, logits.shape[-1])), self._drafts[:batch],
             self._draft_logq[:batch], params, keys, steps, self._noise_basis(logits.shape[-1]))
-        ext = torch.cat([self._tokens[:batch], self._tokens.new_zeros(batch, self.draft_depths)], dim=1)
+        ext, anchor = self._ext[:batch], self._anchor[:batch]
+        ext[:, : self._tokens.shape[1]] = self._tokens[:batch]
         ext[rows, offsets + accepted] = tokens[rows, accepted]  # the committed correction / bonus token
-        anchor = offsets + accepted - 1  # window index of the draft position: the second-to-last committed one
-        drafts, logq, last_hidden = self._draft_depths(hidden, ext, anchor, keys, steps + accepted + 1, params,
-                                                       position_ids=self._positions[:batch])
+        anchor.copy_(offsets + accepted - 1)  # window index of the draft position: the second-to-last committed one
+        drafts, logq, last_hidden = self._draft_depths(
+            lambda depth: self._step(f"draft{depth}", functools.partial(self._depth_forward, depth), batch),
+            ext, anchor, keys, steps + accepted + 1, params)
         self._draft_beyond_depths(drafts, logq, last_hidden, self._positions[rows, anchor], keys,
                                   steps + accepted + 1, params)
         self._drafts[:batch] = torch.stack(drafts, dim=1)
@@ -452,41 +472,50 @@ class Engine:
                                       self._drafts[:batch])
         return offsets
 
-    def _verify_forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The main model over the static windows of rows 0..batch-1: (logits [b, W, V] fp32, hidden [b, W, H],
-        expert ids [L_moe, b, W, k])."""
+    def _verify_forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The main model over the static windows of rows 0..batch-1: (logits [b, W, V] fp32, expert ids
+        [L_moe, b, W, k]); the hidden states go to the static input of MTP depth 1."""
         out = self.model(self._tokens[:batch], position_ids=self._positions[:batch], kv_cache=self.cache,
                          compute_logits=False, compute_mtp=False)
+        self._depth_inputs[0][:batch] = out.hidden_states
         logits = self.model.lm_head(out.hidden_states).float()
         k, width = self.config.num_experts_per_tok, self._tokens.shape[1]
         routing = (torch.stack([out.expert_ids[i] for i in self.moe_layers]) if self.moe_layers
                    else torch.zeros(0, batch, width, k, dtype=torch.int32, device=self.device))
-        return logits, out.hidden_states, routing
+        return logits, routing
 
-    def _draft_depths(self, hidden: torch.Tensor, ext: torch.Tensor, anchor: torch.Tensor, keys: torch.Tensor,
-                      steps: torch.Tensor, params: SamplingParams, **cache_args
+    def _depth_forward(self, depth: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """MTP depth ``depth`` over the static windows of rows 0..batch-1 (decode mode): (head logits at the
+        draft position [b, V] fp32, the hidden there [b, H]); its hidden states feed the next depth."""
+        width = self._tokens.shape[1]
+        h, _ = self.model.mtp_forward(depth, self._depth_inputs[depth - 1][:batch],
+                                      self._ext[:batch, depth: depth + width], position_ids=self._positions[:batch],
+                                      kv_cache=self.cache)
+        self._depth_inputs[depth][:batch] = h
+        at_draft = h[torch.arange(batch, device=self.device), self._anchor[:batch]]
+        return self.model.lm_head(at_draft).float(), at_draft
+
+    def _draft_depths(self, run_depth, ext: torch.Tensor, anchor: torch.Tensor, keys: torch.Tensor,
+                      steps: torch.Tensor, params: SamplingParams
                       ) -> tuple[list[torch.Tensor], list[torch.Tensor], torch.Tensor]:
-        """Run MTP depths 1..D over a window of positions, each drafting one token at the draft position.
+        """Drafts 1..D, one per MTP depth at the draft position, each fed to the next depth.
 
-        hidden [b, W, H]: the main model's hidden states of the window; ext [b, W + D]: the window's tokens,
-        the last committed one at anchor + 1 (the drafts are written after it); anchor [b]: window index of
-        the draft position; steps [b]: generated index of draft 1. cache_args: the cache mode of
-        :meth:`RingFlashModel.mtp_forward` (cache_rows and attention_mask, or position_ids [b, W]).
-        Returns (D drafts [b], their filtered log-distributions [b, V], depth D's hidden at the draft
-        position [b, 1, H]).
+        run_depth(j): runs depth j over the window, returns (head logits [b, V] fp32, hidden [b, H]) at the
+        draft position; ext [b, W + D]: the window's tokens that it reads, the last committed one at
+        anchor + 1 (drafts are written after it); anchor [b]: window index of the draft position; steps [b]:
+        generated index of draft 1. Returns (D drafts [b], their filtered log-distributions [b, V], depth
+        D's hidden at the draft position [b, 1, H]).
         """
-        rows = torch.arange(hidden.shape[0], device=self.device)
-        width = hidden.shape[1]
+        rows = torch.arange(ext.shape[0], device=self.device)
         drafts, logq = [], []
-        h = hidden
         for depth in range(1, self.draft_depths + 1):
-            h, _ = self.model.mtp_forward(depth, h, ext[:, depth: depth + width], kv_cache=self.cache, **cache_args)
-            token, token_logq = self._draw_draft(h[rows, anchor], keys, steps + depth - 1, params)
+            logits, hidden = run_depth(depth)
+            token, token_logq = self._draw_draft(logits, keys, steps + depth - 1, params)
             if depth < self.draft_depths:  # the next depth's next token at the draft position
                 ext[rows, anchor + 1 + depth] = token
             drafts.append(token)
             logq.append(token_logq)
-        return drafts, logq, h[rows, anchor].unsqueeze(1)
+        return drafts, logq, hidden.unsqueeze(1)
 
     def _draft_beyond_depths(self, drafts: list[torch.Tensor], logq: list[torch.Tensor], h: torch.Tensor,
                              position: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor,
@@ -499,14 +528,13 @@ class Engine:
             position = position + 1
             h, _ = self.model.mtp_forward(self.draft_depths, h, drafts[-1].unsqueeze(1),
                                           position_ids=position.unsqueeze(1), kv_cache=self.cache)
-            token, token_logq = self._draw_draft(h[:, 0], keys, steps + i, params)
+            token, token_logq = self._draw_draft(self.model.lm_head(h[:, 0]).float(), keys, steps + i, params)
             drafts.append(token)
             logq.append(token_logq)
 
-    def _draw_draft(self, hidden: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor, params: SamplingParams
+    def _draw_draft(self, logits: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor, params: SamplingParams
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw a draft from the MTP head at hidden [b, H]: (tokens [b], filtered log-distribution [b, V])."""
-        logits = self.model.lm_head(hidden).float()
+        """Draw a draft from MTP head logits [b, V] fp32: (tokens [b], filtered log-distribution [b, V])."""
         logq = filtered_logprobs(logits, params)
         if params.greedy:
             return logits.argmax(-1), logq
