@@ -89,14 +89,19 @@ def decode_ms_per_step(engine: Engine, prompts: list[list[int]], new_tokens: int
     return 1e3 * engine.stats.decode_seconds / engine.stats.decode_steps
 
 
-def kernels_per_step(engine: Engine) -> int:
-    """CUDA kernels one eager batch-1 decode step launches (what the graph replays; each costs a few us)."""
+def kernels_per_step(engine: Engine) -> tuple[int, float, list[tuple[str, int, float]]]:
+    """One eager batch-1 decode step (what the graph replays) under the profiler: (kernel launches, summed
+    kernel time in ms, the ten kernels with the most total time as (name, count, ms)). Summed kernel time
+    well below the graph's step time means gaps between kernels, not slow kernels, cost the step."""
     engine._tokens.zero_()
     engine._positions.zero_()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         engine._decode_forward(1)
         torch.cuda.synchronize()
-    return sum(e.count for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA)
+    kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    top = sorted(kernels, key=lambda e: e.device_time_total, reverse=True)[:10]
+    return (sum(e.count for e in kernels), sum(e.device_time_total for e in kernels) / 1e3,
+            [(e.key[:90], e.count, e.device_time_total / 1e3) for e in top])
 
 
 @contextlib.contextmanager
@@ -149,7 +154,7 @@ def run_cuda(args) -> dict:
         full = Engine(model, max_batch=b, max_seq_len=max_seq_len)
         ms_full = decode_ms_per_step(full, prompts(b), args.new_tokens)
         prefill_tokens_per_s = full.stats.prefill_tokens / full.stats.prefill_seconds
-        kernels = kernels_per_step(full) if b == 1 else None
+        kernels, kernel_ms, top_kernels = kernels_per_step(full) if b == 1 else (None, None, None)
         del full
         short = Engine(two, max_batch=b, max_seq_len=max_seq_len)
         ms_two = decode_ms_per_step(short, prompts(b), args.new_tokens)
@@ -171,7 +176,8 @@ def run_cuda(args) -> dict:
             roof = 1e3 * bytes_per_token(cfg, args.layers) / BANDWIDTH
             roof_32 = 1e3 * bytes_per_token(cfg, FULL_LAYERS) / BANDWIDTH
             row.update(roofline_ms=roof, roofline_pct=100 * roof / ms_full, roofline_32_ms=roof_32,
-                       roofline_32_pct=100 * roof_32 / ms_32, cuda_kernels_per_step=kernels)
+                       roofline_32_pct=100 * roof_32 / ms_32, cuda_kernels_per_step=kernels,
+                       summed_kernel_ms=kernel_ms, top_kernels=top_kernels)
         result["batches"].append(row)
         torch.cuda.empty_cache()
     engine = Engine(model, max_batch=args.gap_batch, max_seq_len=max_seq_len)
@@ -213,7 +219,10 @@ def print_table(result: dict) -> None:
         if "roofline_ms" in r:
             print(f"      batch-1 weight roofline: {r['roofline_ms']:.3f} ms for {result['layers']} layers "
                   f"({r['roofline_pct']:.0f}% achieved); 32 layers {r['roofline_32_ms']:.2f} ms "
-                  f"({r['roofline_32_pct']:.0f}% of the projection); {r['cuda_kernels_per_step']} kernels per step")
+                  f"({r['roofline_32_pct']:.0f}% of the projection); {r['cuda_kernels_per_step']} kernels per step "
+                  f"summing to {r['summed_kernel_ms']:.3f} ms (eager, profiled); most time:")
+            for name, count, ms in r["top_kernels"]:
+                print(f"        {ms:7.3f} ms {count:4d}x {name}")
         print(f"      prefill {r['prefill_tokens_per_s']:.0f} tokens/s")
     for name, g in result["logprob_gap"].items():
         print(f"|logp gap| bf16 engine vs {name} over {g['tokens']} sampled tokens: mean {g['mean']:.2e} "
