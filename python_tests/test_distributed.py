@@ -1,0 +1,314 @@
+"""ringkern.distributed on the CPU with gloo: 2 and 4 processes against the single-process result.
+
+Each world size is one spawned job (process start-up dominates on a 2-core machine): every rank runs
+the checks below in order and records "ok" or its traceback; each test reads its check's records from
+all ranks. A rank that dies or hangs (60 s collective timeout) fails every check it did not finish.
+The NCCL versions of these checks: benchmarks/test_distributed_nccl.py.
+"""
+from __future__ import annotations
+
+import copy
+import datetime
+import json
+import os
+import socket
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.tensor import DTensor
+
+from ringkern import Engine, RingConfig, RingFlashModel, SamplingParams, ops
+from ringkern.checkpoint import load_pretrained
+from ringkern.distributed import (dcp_to_pretrained, dispatch_plan, expert_parallel_moe, init_mesh, load_sharded,
+                                  parallelize, parallelize_for_inference, pretrained_to_dcp, save_pretrained_sharded,
+                                  save_sharded)
+from ringkern.distributed import mesh as mesh_module
+from ringkern.train.common import make_optimizer, make_scheduler
+from ringkern.train.state import NonFiniteGuard, optimizer_step
+
+JOB_TIMEOUT_S = 240
+
+
+# --------------------------------------------------------------------------- helpers used in the workers
+def tiny_config() -> RingConfig:
+    return RingConfig.from_preset("tiny")
+
+
+def seeded_model(seed: int = 0) -> RingFlashModel:
+    torch.manual_seed(seed)
+    return RingFlashModel(tiny_config())
+
+
+def rank_batch(i: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rank i's batch: a different length per rank (uneven token counts), one right-padded row."""
+    g = torch.Generator().manual_seed(100 + i)
+    T = 5 + 3 * i
+    ids = torch.randint(3, vocab, (2, T), generator=g)
+    mask = torch.ones(2, T, dtype=torch.bool)
+    mask[1, T - 2:] = False
+    labels = ids.masked_fill(~mask, -100)
+    return ids, labels, mask
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, rtol: float = 1e-4) -> None:
+    """Max abs error at most rtol x the reference's max magnitude (fp32 sums in another order)."""
+    err = (actual.float() - expected.float()).abs().max().item() if expected.numel() else 0.0
+    scale = max(expected.abs().max().item() if expected.numel() else 0.0, 1e-6)
+    assert err <= rtol * scale, f"{what}: max error {err:.3e} > {rtol} x {scale:.3e}"
+
+
+def train_step(model, batch, optimizer, scheduler) -> dict[str, float]:
+    ids, labels, mask = batch
+    loss, _ = model.sft_loss(ids, labels, attention_mask=mask)
+    loss.backward()
+    return optimizer_step(model, optimizer, scheduler, loss.detach(), NonFiniteGuard(), 1, grad_clip=1.0)
+
+
+# --------------------------------------------------------------------------------------------- checks
+def check_forward_backward(rank: int, world: int, _: Path) -> None:
+    """EP + FSDP2 forward, backward, global token counts and one clipped AdamW step equal one process
+    computing the mean of the ranks' losses."""
+    mesh = init_mesh("cpu")
+    vocab = tiny_config().vocab_size
+    reference, model = seeded_model(), parallelize(seeded_model(), mesh)
+    # before any forward: FSDP's root parameters stay unsharded after one, and the optimizer needs the shards
+    optimizer = make_optimizer(model, 1e-2, 0.1, torch.device("cpu"))
+    ref_optimizer = make_optimizer(reference, 1e-2, 0.1, torch.device("cpu"))
+    ids, labels, mask = rank_batch(rank, vocab)
+    with torch.no_grad():
+        out, ref_out = model(ids, attention_mask=mask), reference(ids, attention_mask=mask)
+    assert_close(out.logits, ref_out.logits, "logits")
+    assert_close(out.mtp_logits[0], ref_out.mtp_logits[0], "mtp logits")
+
+    loss, parts = model.sft_loss(ids, labels, attention_mask=mask)
+    loss.backward()
+    ref_total, ref_counts = 0.0, {}
+    for i in range(world):
+        ref_loss, ref_parts = reference.sft_loss(*rank_batch(i, vocab)[:2], attention_mask=rank_batch(i, vocab)[2])
+        (ref_loss / world).backward()
+        ref_total += float(ref_loss.detach()) / world
+        for layer, counts in ref_parts["tokens_per_expert"].items():
+            ref_counts[layer] = ref_counts.get(layer, 0) + counts.long()
+        if i == rank:
+            assert_close(loss.detach(), ref_loss.detach(), "loss", 1e-5)
+    for layer, counts in parts["tokens_per_expert"].items():
+        assert torch.equal(counts.long(), ref_counts[layer]), f"layer {layer}: global tokens_per_expert differ"
+    ref_params = dict(reference.named_parameters())
+    ref_grads = {name: p.grad.clone() for name, p in ref_params.items()}
+    for name, p in model.named_parameters():
+        assert_close(full(p.grad), ref_grads[name], f"grad of {name}")
+
+    sched, ref_sched = make_scheduler(optimizer, 0, 1), make_scheduler(ref_optimizer, 0, 1)
+    result = optimizer_step(model, optimizer, sched, loss.detach(), NonFiniteGuard(), 1, grad_clip=0.5)
+    ref_result = optimizer_step(reference, ref_optimizer, ref_sched, torch.tensor(ref_total), NonFiniteGuard(), 1,
+                                grad_clip=0.5)
+    assert abs(result["grad_norm"] - ref_result["grad_norm"]) <= 1e-4 * ref_result["grad_norm"]
+    for name, p in model.named_parameters():  # Adam's first step is about lr * sign(g): compare where g
+        grad = ref_grads[name]  # is well above roundoff, which the step would amplify to +-lr
+        clear = grad.abs() > 1e-3 * grad.abs().max()
+        assert_close(full(p.detach())[clear], ref_params[name].detach()[clear], f"{name} after the step", 1e-4)
+
+
+def check_dispatch_uneven(rank: int, world: int, _: Path) -> None:
+    """expert_parallel_moe with uneven token counts, a rank with no tokens, experts with no tokens and
+    a rank whose experts get none: exact counts, outputs and gradients equal ops.moe_experts."""
+    mesh = init_mesh("cpu")
+    group = mesh.get_group()
+    E, H, I, k = 4 * world, 24, 16, 3
+    local = E // world
+    g = torch.Generator().manual_seed(7)
+    gate_up, down = torch.randn(E, 2 * I, H, generator=g) * 0.2, torch.randn(E, H, I, generator=g) * 0.2
+    sizes = [7, 0, 3, 11][:world]  # rank 1 routes nothing
+
+    def rank_inputs(i):
+        gi = torch.Generator().manual_seed(1000 + i)
+        T = sizes[i]
+        ids = torch.randint(0, E - local, (T, k), generator=gi)  # the last rank's experts get no token
+        ids[: T // 2, 0] = 0  # skew: half the tokens pick expert 0 first
+        return (torch.randn(T, H, generator=gi), torch.rand(T, k, generator=gi), ids.int(),
+                torch.randn(T, H, generator=gi))
+
+    x, w, ids, grad_y = rank_inputs(rank)
+    plan = dispatch_plan(ids, E, group)
+    everyone = [rank_inputs(i) for i in range(world)]
+    all_ids = torch.cat([inp[2].reshape(-1).long() for inp in everyone])
+    expected = torch.bincount(all_ids, minlength=E)[rank * local:(rank + 1) * local]
+    assert torch.equal(plan.tokens_per_local_expert, expected), (plan.tokens_per_local_expert, expected)
+    assert plan.send_splits == torch.bincount(ids.reshape(-1).long(), minlength=E).view(world, local).sum(1).tolist()
+    assert sum(plan.recv_splits) == int(expected.sum())
+
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    gu_local = gate_up[rank * local:(rank + 1) * local].clone().requires_grad_(True)
+    dn_local = down[rank * local:(rank + 1) * local].clone().requires_grad_(True)
+    y = expert_parallel_moe(x, w, ids, gu_local, dn_local, E, group)
+    (y * grad_y).sum().backward()
+
+    xs = torch.cat([inp[0] for inp in everyone]).requires_grad_(True)
+    ws = torch.cat([inp[1] for inp in everyone]).requires_grad_(True)
+    gu_ref, dn_ref = gate_up.clone().requires_grad_(True), down.clone().requires_grad_(True)
+    y_ref = ops.moe_experts(xs, ws, torch.cat([inp[2] for inp in everyone]), gu_ref, dn_ref)
+    (y_ref * torch.cat([inp[3] for inp in everyone])).sum().backward()
+    start = sum(sizes[:rank])
+    rows = slice(start, start + sizes[rank])
+    assert_close(y.detach(), y_ref.detach()[rows], "y")
+    assert_close(x.grad, xs.grad[rows], "grad x")
+    assert_close(w.grad, ws.grad[rows], "grad weights")
+    assert_close(gu_local.grad, gu_ref.grad[rank * local:(rank + 1) * local], "grad gate_up_proj")
+    assert_close(dn_local.grad, dn_ref.grad[rank * local:(rank + 1) * local], "grad down_proj")
+    if rank == world - 1:
+        assert plan.tokens_per_local_expert.sum() == 0 and not gu_local.grad.any()
+
+
+def check_checkpoint_round_trip(rank: int, world: int, tmp: Path) -> None:
+    """DCP save/load of the sharded model and AdamW state; DCP -> published -> DCP conversion."""
+    mesh = init_mesh("cpu")
+    vocab = tiny_config().vocab_size
+    model = parallelize(seeded_model(0), mesh)
+    optimizer = make_optimizer(model, 1e-2, 0.1, torch.device("cpu"))
+    train_step(model, rank_batch(rank, vocab), optimizer, make_scheduler(optimizer, 0, 1))
+    save_sharded(tmp / "dcp", model, optimizer, extra={"step": 3})
+
+    restored = parallelize(seeded_model(1), mesh)
+    restored_opt = make_optimizer(restored, 1e-2, 0.1, torch.device("cpu"))
+    extra = load_sharded(tmp / "dcp", restored, restored_opt, with_extra=True)
+    assert extra == {"step": 3}, extra
+    for (name, p), q in zip(model.named_parameters(), restored.parameters()):
+        assert torch.equal(full(p.detach()), full(q.detach())), f"{name} differs after load_sharded"
+        for key, value in optimizer.state[p].items():
+            assert torch.equal(full(value), full(restored_opt.state[q][key])), f"optimizer {key} of {name}"
+    # a step from the restored state equals a step from the original
+    batch = rank_batch(rank + 1, vocab)
+    loss_a = float(model.sft_loss(*batch[:2], attention_mask=batch[2])[0])
+    loss_b = float(restored.sft_loss(*batch[:2], attention_mask=batch[2])[0])
+    assert loss_a == loss_b
+
+    save_pretrained_sharded(model, tmp / "published_gathered")
+    if rank == 0:
+        dcp_to_pretrained(tmp / "dcp", tmp / "published")
+        pretrained_to_dcp(tmp / "published", tmp / "dcp_again")
+    dist.barrier()
+    full_state = {name: full(t) for name, t in model.state_dict().items()}
+    for source in ("published", "published_gathered"):
+        loaded = load_pretrained(tmp / source, device="cpu").state_dict()
+        assert loaded.keys() == full_state.keys()
+        for name, t in loaded.items():
+            assert torch.equal(t, full_state[name].to(t.dtype)), f"{source}: {name} differs"
+    again = parallelize(seeded_model(2), mesh)
+    load_sharded(tmp / "dcp_again", again)
+    for (name, p), q in zip(model.named_parameters(), again.parameters()):
+        assert torch.equal(full(p.detach()), full(q.detach())), f"{name} differs after the conversion round trip"
+
+
+def check_greedy_decode(rank: int, world: int, _: Path) -> None:
+    """Engine greedy decode with expert-parallel experts gives the single-process tokens (and log-probs)."""
+    init_mesh("cpu")
+    params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True, n=2, seed=0)
+    prompts = [[5, 17, 99, 3], [42] * 9, [7, 300, 11]]
+    reference = seeded_model()
+    expected = Engine(copy.deepcopy(reference), max_batch=4, max_seq_len=32).generate(prompts, params)
+    model = parallelize_for_inference(reference, mesh_module.current_mesh())
+    got = Engine(model, max_batch=4, max_seq_len=32).generate(prompts, params)
+    for c, e in zip(got, expected):
+        assert c.token_ids == e.token_ids, (c.prompt_index, c.token_ids, e.token_ids)
+        assert_close(torch.tensor(c.logprobs), torch.tensor(e.logprobs), "logprobs", 1e-4)
+
+
+CHECKS = {f.__name__: f for f in (check_forward_backward, check_dispatch_uneven, check_checkpoint_round_trip,
+                                  check_greedy_decode)}
+
+
+# ------------------------------------------------------------------------------------------ the harness
+def _worker(rank: int, world: int, port: int, names: list[str], out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
+    results = {}
+    try:
+        for name in names:
+            work = Path(out_dir) / name
+            work.mkdir(exist_ok=True)
+            try:
+                CHECKS[name](rank, world, work)
+                results[name] = "ok"
+            except Exception:
+                results[name] = traceback.format_exc()
+            (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(results))
+    finally:
+        mesh_module.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_job(world: int, names: list[str], out_dir: Path) -> dict[int, dict[str, str]]:
+    """Spawn ``world`` gloo ranks running ``names``; returns rank -> check -> "ok" or a traceback."""
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    ctx = mp.start_processes(_worker, args=(world, _free_port(), names, str(out_dir)), nprocs=world,
+                             join=False, start_method="spawn")
+    error = None
+    try:
+        while not ctx.join(timeout=JOB_TIMEOUT_S):
+            pass
+    except Exception as e:  # a rank crashed or timed out: report it with every unfinished check
+        error = f"{type(e).__name__}: {e}"
+    finally:
+        for p in ctx.processes:
+            if p.is_alive():
+                p.kill()
+    results = {}
+    for r in range(world):
+        path = out_dir / f"rank{r}.json"
+        results[r] = json.loads(path.read_text()) if path.is_file() else {}
+        for name in names:
+            results[r].setdefault(name, f"rank {r} did not finish this check ({error or 'no result'})")
+    return results
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    """One spawned job per world size, run on first use."""
+    cache: dict[int, dict] = {}
+    plan = {2: list(CHECKS), 4: ["check_forward_backward", "check_dispatch_uneven", "check_greedy_decode"]}
+
+    def results(world: int) -> dict[int, dict[str, str]]:
+        if world not in cache:
+            cache[world] = run_job(world, plan[world], tmp_path_factory.mktemp(f"world{world}"))
+        return cache[world]
+
+    return results
+
+
+def assert_check(results: dict[int, dict[str, str]], name: str) -> None:
+    failures = {r: res[name] for r, res in results.items() if res[name] != "ok"}
+    assert not failures, "\n".join(f"--- rank {r}:\n{tb}" for r, tb in failures.items())
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_forward_backward_and_step_match_single_process(job, world):
+    assert_check(job(world), "check_forward_backward")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel_dispatch_uneven_and_empty(job, world):
+    assert_check(job(world), "check_dispatch_uneven")
+
+
+def test_dcp_round_trip_and_published_conversion(job):
+    assert_check(job(2), "check_checkpoint_round_trip")
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_expert_parallel_greedy_decode_matches_single_process(job, world):
+    assert_check(job(world), "check_greedy_decode")
