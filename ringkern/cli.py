@@ -37,9 +37,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     """``ringkern train --config X.yaml --stage sft|rlvr|rlhf|all [section.field=value ...]``."""
     from .train import load_config, run_stages
 
+    from .distributed.mesh import is_main_process, shutdown
+
     cfg = load_config(args.config, [*args.overrides, *(["run.resume=true"] if args.resume else [])])
-    for stage, summary in run_stages(cfg, args.stage).items():
-        print(f"{stage}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+    summaries = run_stages(cfg, args.stage)
+    if is_main_process():
+        for stage, summary in summaries.items():
+            print(f"{stage}: " + ", ".join(f"{k}={v:.4g}" for k, v in summary.items()))
+    shutdown()  # under torchrun: tear the process group down cleanly (nothing to do for one process)
     return 0
 
 

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..config import RingConfig
+from ..distributed import trainer as dist_trainer
 from ..model import RingFlashModel
 from ..tokenizer import RingTokenizer, load_tiny_tokenizer
 from .config import STAGES, TrainConfig
@@ -22,6 +23,8 @@ MODEL_DIR = "model"
 
 
 def resolve_device(name: str) -> torch.device:
+    if (rank_device := dist_trainer.resolve_device(name)) is not None:  # torchrun: cuda:LOCAL_RANK or cpu
+        return rank_device
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -56,17 +59,20 @@ def starting_point(cfg: TrainConfig, stage: str) -> Path | None:
 
 
 def build_model(cfg: TrainConfig, stage: str, device: torch.device) -> RingFlashModel:
-    """The stage's starting model in fp32 (see :func:`starting_point`); fresh weights are seeded by run.seed."""
+    """The stage's starting model in fp32 (see :func:`starting_point`); fresh weights are seeded by run.seed.
+    Under torchrun it comes parallelized (expert parallelism + FSDP2, :mod:`ringkern.distributed`)."""
     source = starting_point(cfg, stage)
     if source is not None:
-        return RingFlashModel.from_pretrained(source, dtype=torch.float32, device=device)
+        return dist_trainer.prepare_model(RingFlashModel.from_pretrained(source, dtype=torch.float32, device=device))
     torch.manual_seed(cfg.run.seed)
     config = RingConfig.from_preset(cfg.model.preset, **cfg.model.overrides, torch_dtype="float32")
-    return RingFlashModel(config).to(device)
+    return dist_trainer.prepare_model(RingFlashModel(config).to(device))
 
 
 def save_model(model: RingFlashModel, tokenizer: RingTokenizer, directory: Path) -> Path:
-    """Write the model (published format, fp32) and its tokenizer, atomically."""
+    """Write the model (published format, fp32) and its tokenizer, atomically (rank 0 under torchrun)."""
+    if dist_trainer.is_parallelized(model):
+        return dist_trainer.save_model(model, directory, tokenizer)
     model.save_pretrained(directory, tokenizer=tokenizer)
     return directory
 

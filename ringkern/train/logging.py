@@ -3,7 +3,7 @@
 ``RUN_DIR/metrics.jsonl`` holds records ``{"stage": "rlvr", "step": 3, "time": ..., "reward": ..., ...}``
 (evaluations are records with ``"kind": "eval"``); :mod:`ringkern.train.plot` reads it back.
 TensorBoard scalars go to ``RUN_DIR/tensorboard`` as ``stage/name``. The tqdm bar shows the step, the
-reward (or loss) and the time left.
+reward (or loss) and the time left. Under torchrun only rank 0 logs; elsewhere a RunLogger does nothing.
 """
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from typing import Any
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from ..distributed.mesh import is_main_process
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -24,6 +26,9 @@ class RunLogger:
 
     def __init__(self, run_dir: str | Path, stage: str, total_steps: int, *, start_step: int = 0,
                  progress: bool = True):
+        self.enabled = is_main_process()
+        if not self.enabled:
+            return
         self.run_dir = Path(run_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.stage = stage
@@ -34,6 +39,8 @@ class RunLogger:
 
     def log(self, step: int, metrics: dict[str, float], kind: str = "train") -> None:
         """Append a record and write the scalars; non-finite values are written as null in JSON."""
+        if not self.enabled:
+            return
         record: dict[str, Any] = {"stage": self.stage, "kind": kind, "step": step, "time": time.time()}
         record.update({k: _finite_or_none(v) for k, v in metrics.items()})
         self.jsonl.write(json.dumps(record) + "\n")
@@ -44,15 +51,21 @@ class RunLogger:
 
     def advance(self, metrics: dict[str, float]) -> None:
         """Move the bar one step, showing reward/accuracy or loss."""
+        if not self.enabled:
+            return
         shown = {k: f"{metrics[k]:.3f}" for k in ("reward", "accuracy", "loss") if k in metrics}
         self.bar.set_postfix(shown, refresh=False)
         self.bar.update(1)
 
     def write(self, message: str) -> None:
         """Print a line without breaking the bar."""
+        if not self.enabled:
+            return
         self.bar.write(message)
 
     def close(self) -> None:
+        if not self.enabled:
+            return
         self.bar.close()
         self.writer.close()
         self.jsonl.close()

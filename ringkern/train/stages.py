@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from ..distributed import mesh as dist_mesh
+from ..distributed import trainer as dist_trainer
 from ..model import RingFlashModel
 from ..rewards import ReasoningGymSource, VerifiableReward, make_split, worked_solution
 from ..tokenizer import RingTokenizer
@@ -46,12 +48,15 @@ class StageSetup:
 
 
 def setup(cfg: TrainConfig, tokenizer: RingTokenizer | None = None) -> StageSetup:
-    """Device, threads, tokenizer and the train / held-out split of the task families."""
+    """Device, threads, tokenizer and the train / held-out split of the task families (and, under
+    torchrun, the process group: :func:`ringkern.distributed.trainer.setup`)."""
+    dist_trainer.setup()
     configure_threads(cfg.run.threads)
     seed_everything(cfg.run.seed)
     out = Path(cfg.run.out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
+    if dist_mesh.is_main_process():
+        (out / CONFIG_FILE).write_text(json.dumps(cfg.to_dict(), indent=2) + "\n")
     train, held_out = make_split(cfg.task.families, train_size=cfg.task.train_size, eval_size=cfg.task.eval_size,
                                  seed=cfg.run.seed, configs=cfg.task.configs or None)
     return StageSetup(cfg, tokenizer or load_tokenizer(cfg), resolve_device(cfg.run.device), train, held_out)
@@ -63,7 +68,7 @@ def run_sft(s: StageSetup) -> dict[str, float]:
         pairs = read_sft_jsonl(cfg.sft.data)
     else:
         pairs = [(p.prompt, worked_solution(p)) for p in s.train.problems[: cfg.sft.num_examples]]
-    examples = tokenize_examples(pairs, s.tokenizer, cfg.model.max_seq_len)
+    examples = dist_mesh.shard_for_rank(tokenize_examples(pairs, s.tokenizer, cfg.model.max_seq_len))
     model = build_model(cfg, "sft", s.device)
     train_sft(model, examples, cfg.sft, out_dir=stage_dir(cfg, "sft"), run_dir=Path(cfg.run.out_dir),
               seed=cfg.run.seed, pad_id=s.tokenizer.pad_token_id, device=s.device,
@@ -115,6 +120,9 @@ def run_stages(cfg: TrainConfig, stage: str) -> dict[str, dict[str, float]]:
     runners = {"sft": run_sft, "rlvr": run_rlvr, "rlhf": run_rlhf}
     if stage != "all" and stage not in runners:
         raise ValueError(f"stage={stage!r}: expected one of {STAGES + ('all',)}")
+    if stage in ("rlhf", "all") and dist_mesh.launched_by_torchrun():
+        raise NotImplementedError(f"stage={stage!r} under torchrun: the RLHF stage copies the policy into a "
+                                  "reward model, which a sharded policy does not support yet; run sft and rlvr")
     s = setup(cfg)
     return {name: runners[name](s) for name in (STAGES if stage == "all" else (stage,))}
 

@@ -26,8 +26,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..distributed import trainer as dist_trainer
+
 STATE_DIR = "state"
-_STATE_RE = re.compile(r"^step-(\d+)\.pt$")
+_STATE_RE = re.compile(r"^step-(\d+)\.(pt|dcp)$")  # .dcp: a sharded (torchrun) state, a DCP directory
 
 
 class NonFiniteError(RuntimeError):
@@ -103,12 +105,18 @@ class TrainingState:
 
 def save_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler,
                state: TrainingState, keep: int = 2) -> Path:
-    """Write ``directory/state/step-N.pt`` atomically; older ones beyond the newest ``keep`` are removed."""
+    """Write ``directory/state/step-N.pt`` atomically; older ones beyond the newest ``keep`` are removed.
+    A parallelized model (torchrun) writes ``step-N.dcp``, sharded (:mod:`ringkern.distributed.trainer`)."""
     folder = Path(directory) / STATE_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    payload = {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-               "scheduler": scheduler.state_dict(), "rng": rng_state(),
+    payload = {"scheduler": scheduler.state_dict(), "rng": rng_state(),
                "step": state.step, "data_position": state.data_position, "extra": state.extra}
+    if dist_trainer.is_parallelized(model):
+        target = dist_trainer.save_training_state(folder, f"step-{state.step:06d}.dcp", model, optimizer, payload)
+        for old in _state_files(folder)[:-keep]:
+            dist_trainer.remove_state(old)
+        return target
+    payload.update(model=model.state_dict(), optimizer=optimizer.state_dict())
     target = folder / f"step-{state.step:06d}.pt"
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=folder)
     try:
@@ -132,9 +140,12 @@ def latest_state(directory: str | Path) -> Path | None:
 
 def load_state(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> TrainingState:
     """Restore model, optimizer, scheduler and RNG states from ``path``; returns the step and data position."""
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    model.load_state_dict(payload["model"])
-    optimizer.load_state_dict(payload["optimizer"])
+    if Path(path).suffix == dist_trainer.DCP_SUFFIX:
+        payload = dist_trainer.load_training_state(Path(path), model, optimizer)
+    else:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+        model.load_state_dict(payload["model"])
+        optimizer.load_state_dict(payload["optimizer"])
     scheduler.load_state_dict(payload["scheduler"])
     set_rng_state(payload["rng"])
     return TrainingState(payload["step"], payload["data_position"], payload["extra"])
