@@ -34,10 +34,11 @@ it, and positions beyond a query's own are masked, so rejected drafts never leak
 accepted when it is the main model's argmax, so the tokens equal plain greedy decoding. Sampling: the
 standard rejection rule (accept draft x with probability min(1, p(x)/q(x)), p and q the main model's
 and the draft's filtered distributions; on rejection draw from normalize(max(p - q, 0)); after d
-accepts draw a bonus token from p), so the output distribution is plain sampling's. On CUDA the verify
-forward and each chained MTP depth's forward are captured in CUDA graphs per batch bucket like the decode
-step; the acceptance rule, the draft draws and the drafts past the depths run eagerly, all without host
-syncs, and one host sync per step reads the committed tokens back.
+accepts draw a bonus token from p), so the output distribution is plain sampling's. On CUDA the whole
+step (verify forward, acceptance rule, MTP drafting and draft draws) has no host sync and is captured as
+one CUDA graph per batch bucket and set of sampling filters: unlike plain decoding's few sampling
+kernels, its dozens would otherwise cost more launch time than the step saves. One host sync per step
+reads the committed tokens back.
 
 Sampling: logits / temperature, then top-k, then top-p (nucleus, over the top-k survivors), then min-p
 (drop tokens below min_p times the top probability), then a Gumbel-max draw. The Gumbel noise of the
@@ -221,9 +222,12 @@ class Engine:
         self._drafts = torch.zeros(max_batch, speculative_tokens, dtype=torch.long, device=self.device)  # per row
         self._draft_logq = torch.zeros(max_batch, speculative_tokens, self.config.vocab_size if speculative_tokens
                                        else 0, device=self.device)  # the drafts' filtered log-distributions
-        # Static inputs/outputs of the captured draft depths: the window's tokens with the committed token and
-        # the drafts after it [R, W + D], the draft position's window index [R], and the hidden states that
-        # feed depth j (entry j-1: the main model's for depth 1, then depth j-1's) [R, W, H].
+        # Static inputs of the speculative step: committed tokens in each window, noise keys, generated counts [R].
+        self._offsets, self._keys, self._steps = (torch.zeros(max_batch, dtype=torch.long, device=self.device)
+                                                  for _ in range(3))
+        # Its buffers for the MTP depths: the window's tokens with the committed token and the drafts after it
+        # [R, W + D], the draft position's window index [R], and the hidden states that feed depth j (entry
+        # j-1: the main model's for depth 1, then depth j-1's) [R, W, H].
         self._ext = torch.zeros(max_batch, window + self.draft_depths, dtype=torch.long, device=self.device)
         self._anchor = torch.zeros(max_batch, dtype=torch.long, device=self.device)
         self._depth_inputs = [torch.zeros(max_batch, window, self.config.hidden_size, dtype=self.dtype,
@@ -429,31 +433,45 @@ class Engine:
     @torch.no_grad()
     def _speculate(self, active: list[_Sequence], params: SamplingParams) -> list[Event]:
         """One speculative step of every active sequence: verify its drafts, draft the next step, commit."""
-        count, k = len(active), self.speculative_tokens
+        count = len(active)
         batch = next(b for b in self.batch_buckets if b >= count) if self.device.type == "cuda" else count
-        offsets = self._window_inputs(active, batch)
-        logits, routing = self._step("verify", self._verify_forward, batch)  # [b, W, V] fp32, [L_moe, b, W, k]
+        self._window_inputs(active, batch)
+        filters = (params.temperature, params.top_k, params.top_p, params.min_p)
+        tokens, logprobs, accepted, drafts, logq, routing = self._step(
+            f"speculate{filters}", functools.partial(self._speculative_forward, params), batch)
+        self._drafts[:batch] = drafts
+        self._draft_logq[:batch] = logq
+        return self._commit_window(active, tokens, logprobs, accepted, routing, params)
+
+    def _speculative_forward(self, params: SamplingParams, batch: int) -> tuple[torch.Tensor, ...]:
+        """Verify, accept and draft on the static inputs of rows 0..batch-1, without a host sync (one CUDA
+        graph per batch bucket and set of sampling filters). Reads the drafts from the static inputs and
+        returns the next ones rather than overwriting them, so a run is repeatable (capture warm-up).
+
+        Returns (tokens [b, k+1], log-probs [b, k+1], accepted [b]: see :func:`verify_drafts`; the next
+        drafts [b, k] and their log-distributions [b, k, V]; expert ids [L_moe, b, W, k]).
+        """
+        k, offsets = self.speculative_tokens, self._offsets[:batch]
+        keys, steps = self._keys[:batch], self._steps[:batch]
+        logits, routing = self._verify_forward(batch)  # [b, W, V] fp32, [L_moe, b, W, k]
         rows = torch.arange(batch, device=self.device)
         predicting = (offsets - 1).unsqueeze(1) + torch.arange(k + 1, device=self.device)  # [b, k+1] window index
-        keys, steps = self._noise_inputs(active, batch, 0)
+        drafted = self._tokens[:batch].gather(1, predicting[:, 1:])  # the drafts under verification [b, k]
         tokens, logprobs, accepted = verify_drafts(
-            logits.gather(1, predicting.unsqueeze(-1).expand(-1, -1, logits.shape[-1])), self._drafts[:batch],
+            logits.gather(1, predicting.unsqueeze(-1).expand(-1, -1, logits.shape[-1])), drafted,
             self._draft_logq[:batch], params, keys, steps, self._noise_basis(logits.shape[-1]))
         ext, anchor = self._ext[:batch], self._anchor[:batch]
         ext[:, : self._tokens.shape[1]] = self._tokens[:batch]
         ext[rows, offsets + accepted] = tokens[rows, accepted]  # the committed correction / bonus token
         anchor.copy_(offsets + accepted - 1)  # window index of the draft position: the second-to-last committed one
-        drafts, logq, last_hidden = self._draft_depths(
-            lambda depth: self._step(f"draft{depth}", functools.partial(self._depth_forward, depth), batch),
-            ext, anchor, keys, steps + accepted + 1, params)
+        drafts, logq, last_hidden = self._draft_depths(functools.partial(self._depth_forward, batch=batch),
+                                                       ext, anchor, keys, steps + accepted + 1, params)
         self._draft_beyond_depths(drafts, logq, last_hidden, self._positions[rows, anchor], keys,
                                   steps + accepted + 1, params)
-        self._drafts[:batch] = torch.stack(drafts, dim=1)
-        self._draft_logq[:batch] = torch.stack(logq, dim=1)
-        return self._commit_window(active, tokens, logprobs, accepted, offsets, routing, params)
+        return tokens, logprobs, accepted, torch.stack(drafts, dim=1), torch.stack(logq, dim=1), routing
 
-    def _window_inputs(self, active: list[_Sequence], batch: int) -> torch.Tensor:
-        """Write each row's verify window into the static inputs; returns its committed-token count [b].
+    def _window_inputs(self, active: list[_Sequence], batch: int) -> None:
+        """Write each row's verify window, committed-token count and noise inputs into the static inputs.
 
         A row's window covers positions [c - D, c + d) for c committed tokens: its last D committed tokens
         (fewer at the very start), then its d drafts, then padding. Spare rows hold token 0 from position 0.
@@ -467,10 +485,12 @@ class Engine:
             starts[row], offsets[row] = s.length - len(tail), len(tail)
         self._tokens[:batch].copy_(ids)
         self._positions[:batch].copy_(starts.unsqueeze(1) + torch.arange(D + k))
-        offsets = offsets.to(self.device)
-        self._tokens[:batch].scatter_(1, offsets.unsqueeze(1) + torch.arange(k, device=self.device),
-                                      self._drafts[:batch])
-        return offsets
+        self._offsets[:batch].copy_(offsets)
+        keys, steps = self._noise_inputs(active, batch, 0)
+        self._keys[:batch].copy_(keys)
+        self._steps[:batch].copy_(steps)
+        draft_slots = self._offsets[:batch].unsqueeze(1) + torch.arange(k, device=self.device)
+        self._tokens[:batch].scatter_(1, draft_slots, self._drafts[:batch])
 
     def _verify_forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The main model over the static windows of rows 0..batch-1: (logits [b, W, V] fp32, expert ids
@@ -485,8 +505,9 @@ class Engine:
         return logits, routing
 
     def _depth_forward(self, depth: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """MTP depth ``depth`` over the static windows of rows 0..batch-1 (decode mode): (head logits at the
-        draft position [b, V] fp32, the hidden there [b, H]); its hidden states feed the next depth."""
+        """MTP depth ``depth`` over the static windows of rows 0..batch-1 (decode mode) with the static next
+        tokens and draft positions: (head logits at the draft position [b, V] fp32, the hidden there [b, H]);
+        its hidden states feed the next depth."""
         width = self._tokens.shape[1]
         h, _ = self.model.mtp_forward(depth, self._depth_inputs[depth - 1][:batch],
                                       self._ext[:batch, depth: depth + width], position_ids=self._positions[:batch],
@@ -542,11 +563,11 @@ class Engine:
         return (logq + noise).argmax(-1), logq
 
     def _commit_window(self, active: list[_Sequence], tokens: torch.Tensor, logprobs: torch.Tensor,
-                       accepted: torch.Tensor, offsets: torch.Tensor, routing: torch.Tensor,
-                       params: SamplingParams) -> list[Event]:
+                       accepted: torch.Tensor, routing: torch.Tensor, params: SamplingParams) -> list[Event]:
         """Append each row's accepted drafts and correction token, cutting at a stop (the step's host sync)."""
         count = len(active)
-        tokens, logprobs, accepted, offsets = (t[:count].tolist() for t in (tokens, logprobs, accepted, offsets))
+        tokens, logprobs, accepted, offsets = (t[:count].tolist() for t in (tokens, logprobs, accepted,
+                                                                            self._offsets))
         keep_routing = params.return_expert_ids and self.moe_layers
         if keep_routing:
             routing = routing[:, :count].cpu()  # [L_moe, count, W, k]
