@@ -33,6 +33,8 @@ from ringkern.train.common import make_optimizer, make_scheduler
 from ringkern.train.state import NonFiniteGuard, optimizer_step
 
 JOB_TIMEOUT_S = 240
+# Where the checks run: the CPU with gloo here; benchmarks/test_distributed_nccl.py sets cuda:LOCAL_RANK.
+DEVICE = torch.device("cpu")
 
 
 # --------------------------------------------------------------------------- helpers used in the workers
@@ -42,7 +44,7 @@ def tiny_config() -> RingConfig:
 
 def seeded_model(seed: int = 0) -> RingFlashModel:
     torch.manual_seed(seed)
-    return RingFlashModel(tiny_config())
+    return RingFlashModel(tiny_config()).to(DEVICE)
 
 
 def rank_batch(i: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -53,7 +55,7 @@ def rank_batch(i: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     mask = torch.ones(2, T, dtype=torch.bool)
     mask[1, T - 2:] = False
     labels = ids.masked_fill(~mask, -100)
-    return ids, labels, mask
+    return ids.to(DEVICE), labels.to(DEVICE), mask.to(DEVICE)
 
 
 def full(t: torch.Tensor) -> torch.Tensor:
@@ -78,12 +80,12 @@ def train_step(model, batch, optimizer, scheduler) -> dict[str, float]:
 def check_forward_backward(rank: int, world: int, _: Path) -> None:
     """EP + FSDP2 forward, backward, global token counts and one clipped AdamW step equal one process
     computing the mean of the ranks' losses."""
-    mesh = init_mesh("cpu")
+    mesh = init_mesh(DEVICE.type)
     vocab = tiny_config().vocab_size
     reference, model = seeded_model(), parallelize(seeded_model(), mesh)
     # before any forward: FSDP's root parameters stay unsharded after one, and the optimizer needs the shards
-    optimizer = make_optimizer(model, 1e-2, 0.1, torch.device("cpu"))
-    ref_optimizer = make_optimizer(reference, 1e-2, 0.1, torch.device("cpu"))
+    optimizer = make_optimizer(model, 1e-2, 0.1, DEVICE)
+    ref_optimizer = make_optimizer(reference, 1e-2, 0.1, DEVICE)
     ids, labels, mask = rank_batch(rank, vocab)
     with torch.no_grad():
         out, ref_out = model(ids, attention_mask=mask), reference(ids, attention_mask=mask)
@@ -122,21 +124,22 @@ def check_forward_backward(rank: int, world: int, _: Path) -> None:
 def check_dispatch_uneven(rank: int, world: int, _: Path) -> None:
     """expert_parallel_moe with uneven token counts, a rank with no tokens, experts with no tokens and
     a rank whose experts get none: exact counts, outputs and gradients equal ops.moe_experts."""
-    mesh = init_mesh("cpu")
+    mesh = init_mesh(DEVICE.type)
     group = mesh.get_group()
     E, H, I, k = 4 * world, 24, 16, 3
     local = E // world
     g = torch.Generator().manual_seed(7)
-    gate_up, down = torch.randn(E, 2 * I, H, generator=g) * 0.2, torch.randn(E, H, I, generator=g) * 0.2
-    sizes = [7, 0, 3, 11][:world]  # rank 1 routes nothing
+    gate_up = (torch.randn(E, 2 * I, H, generator=g) * 0.2).to(DEVICE)
+    down = (torch.randn(E, H, I, generator=g) * 0.2).to(DEVICE)
+    sizes = [[7, 0, 3, 11][i % 4] for i in range(world)]  # rank 1 routes nothing
 
     def rank_inputs(i):
         gi = torch.Generator().manual_seed(1000 + i)
         T = sizes[i]
         ids = torch.randint(0, E - local, (T, k), generator=gi)  # the last rank's experts get no token
         ids[: T // 2, 0] = 0  # skew: half the tokens pick expert 0 first
-        return (torch.randn(T, H, generator=gi), torch.rand(T, k, generator=gi), ids.int(),
-                torch.randn(T, H, generator=gi))
+        return tuple(t.to(DEVICE) for t in (torch.randn(T, H, generator=gi), torch.rand(T, k, generator=gi),
+                                            ids.int(), torch.randn(T, H, generator=gi)))
 
     x, w, ids, grad_y = rank_inputs(rank)
     plan = dispatch_plan(ids, E, group)
@@ -172,15 +175,15 @@ def check_dispatch_uneven(rank: int, world: int, _: Path) -> None:
 
 def check_checkpoint_round_trip(rank: int, world: int, tmp: Path) -> None:
     """DCP save/load of the sharded model and AdamW state; DCP -> published -> DCP conversion."""
-    mesh = init_mesh("cpu")
+    mesh = init_mesh(DEVICE.type)
     vocab = tiny_config().vocab_size
     model = parallelize(seeded_model(0), mesh)
-    optimizer = make_optimizer(model, 1e-2, 0.1, torch.device("cpu"))
+    optimizer = make_optimizer(model, 1e-2, 0.1, DEVICE)
     train_step(model, rank_batch(rank, vocab), optimizer, make_scheduler(optimizer, 0, 1))
     save_sharded(tmp / "dcp", model, optimizer, extra={"step": 3})
 
     restored = parallelize(seeded_model(1), mesh)
-    restored_opt = make_optimizer(restored, 1e-2, 0.1, torch.device("cpu"))
+    restored_opt = make_optimizer(restored, 1e-2, 0.1, DEVICE)
     extra = load_sharded(tmp / "dcp", restored, restored_opt, with_extra=True)
     assert extra == {"step": 3}, extra
     for (name, p), q in zip(model.named_parameters(), restored.parameters()):
@@ -203,7 +206,7 @@ def check_checkpoint_round_trip(rank: int, world: int, tmp: Path) -> None:
         loaded = load_pretrained(tmp / source, device="cpu").state_dict()
         assert loaded.keys() == full_state.keys()
         for name, t in loaded.items():
-            assert torch.equal(t, full_state[name].to(t.dtype)), f"{source}: {name} differs"
+            assert torch.equal(t, full_state[name].to("cpu", t.dtype)), f"{source}: {name} differs"
     again = parallelize(seeded_model(2), mesh)
     load_sharded(tmp / "dcp_again", again)
     for (name, p), q in zip(model.named_parameters(), again.parameters()):
@@ -212,7 +215,7 @@ def check_checkpoint_round_trip(rank: int, world: int, tmp: Path) -> None:
 
 def check_greedy_decode(rank: int, world: int, _: Path) -> None:
     """Engine greedy decode with expert-parallel experts gives the single-process tokens (and log-probs)."""
-    init_mesh("cpu")
+    init_mesh(DEVICE.type)
     params = SamplingParams(temperature=0.0, max_new_tokens=10, ignore_eos=True, n=2, seed=0)
     prompts = [[5, 17, 99, 3], [42] * 9, [7, 300, 11]]
     reference = seeded_model()
