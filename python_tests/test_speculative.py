@@ -2,6 +2,8 @@
 depths), the rejection rule keeps the sampling distribution (chi-square on a small vocabulary), the main
 and MTP caches equal a full recompute after rejections, stops cut inside a step, batching and routing
 replay keep working, acceptance statistics; the same on a GPU with CUDA graphs."""
+import random
+
 import pytest
 import torch
 
@@ -9,6 +11,7 @@ from conftest import requires_cuda
 from ringkern import Engine, RingConfig, RingFlashModel, SamplingParams
 from ringkern.engine import _noise_key, filtered_logprobs, verify_drafts
 from ringkern.model import KVCache
+from ringkern.tokenizer import load_tiny_tokenizer
 from test_engine import PROMPTS, _filtered_logprobs, make_model
 
 SEED = 0
@@ -29,19 +32,21 @@ def model_two_depths():
     return model
 
 
-def oracle_drafts(engine: Engine, reference: list[list[int]], seed: int = SEED, wrong_every: int = 3) -> None:
-    """Make ``engine`` draft the reference continuations (completion i = reference[i]) except at every
-    ``wrong_every``-th generated index, where the draft is off by one: steps then accept some drafts and
-    reject others. Greedy only (the drafts' log-distributions stay the MTP head's)."""
+def oracle_drafts(engine: Engine, reference: list[list[int]], seed: int = SEED, wrong: float = 0.5) -> None:
+    """Make ``engine`` draft the reference continuations (completion i = reference[i]), except that a
+    pseudo-random ``wrong`` fraction of (completion, generated index) pairs get a wrong draft: steps then
+    accept some drafts and reject others, at any draft depth. Greedy only (the drafts' log-distributions
+    stay the MTP head's)."""
     by_key = {_noise_key(seed, i): tokens for i, tokens in enumerate(reference)}
     vocab, draw = engine.config.vocab_size, engine._draw_draft
 
-    def draw_oracle(hidden, keys, steps, params):
-        tokens, logq = draw(hidden, keys, steps, params)
+    def draw_oracle(logits, keys, steps, params):
+        tokens, logq = draw(logits, keys, steps, params)
         want = []
         for key, step in zip(keys.tolist(), steps.tolist()):
             ref = by_key.get(key, [])
-            want.append((ref[step] + (step % wrong_every == wrong_every - 1)) % vocab if step < len(ref) else 0)
+            miss = random.Random(f"{key}:{step}").random() < wrong
+            want.append((ref[step] + miss) % vocab if step < len(ref) else 0)
         return torch.tensor(want, device=tokens.device), logq
 
     engine._draw_draft = draw_oracle
@@ -91,21 +96,53 @@ def test_continuous_batching_and_n_samples(model):
 
 
 # ------------------------------------------------------------------ caches after rejections
-@pytest.mark.parametrize("d", [1, 3])
-def test_caches_equal_full_recompute_after_rejections(model, d):
-    for prompt in PROMPTS[:3]:
-        plain = Engine(model, max_batch=1, max_seq_len=24).generate([prompt], GREEDY)[0]
-        engine = Engine(model, max_batch=1, max_seq_len=24, speculative_tokens=d)
-        oracle_drafts(engine, [plain.token_ids])
-        got = engine.generate([prompt], GREEDY)[0]
+def test_cached_mtp_forward_equals_full_recompute(model):
+    """Prefill 6 tokens with the MTP layer cached (its last position a placeholder: next token unknown),
+    decode 4 more through the main model, then MTP depth 1 in decode mode over positions 5..8."""
+    ids = torch.tensor([[5, 9, 17, 30, 31, 44, 3, 98, 120, 7]])
+    with torch.no_grad():
+        full = model(ids)
+        cache = KVCache.allocate(model.config, 2, 16, dtype=torch.float32, mtp=True)
+        prefill = model(ids[:, :6], kv_cache=cache, cache_rows=torch.tensor([1]))
+        torch.testing.assert_close(prefill.mtp_hidden_states[0][:, :5], full.mtp_hidden_states[0][:, :5],
+                                   atol=1e-5, rtol=0)
+        decode = model(ids[:, 6:], position_ids=torch.arange(6, 10)[None], kv_cache=_row(cache, 1), compute_mtp=False)
+        hidden = torch.cat([prefill.hidden_states[:, 5:], decode.hidden_states[:, :3]], dim=1)  # positions 5..8
+        got, expert_ids = model.mtp_forward(1, hidden, ids[:, 6:], position_ids=torch.arange(5, 9)[None],
+                                            kv_cache=_row(cache, 1))
+    torch.testing.assert_close(got, full.mtp_hidden_states[0][:, 5:9], atol=1e-4, rtol=0)
+    assert expert_ids.shape == (1, 4, model.config.num_experts_per_tok)
+    with pytest.raises(ValueError, match="depth=2"):
+        model.mtp_forward(2, hidden, ids[:, 6:], position_ids=torch.arange(5, 9)[None], kv_cache=_row(cache, 1))
+    with pytest.raises(ValueError, match="mtp=True"):
+        model.mtp_forward(1, hidden, ids[:, 6:], position_ids=torch.arange(5, 9)[None],
+                          kv_cache=KVCache.allocate(model.config, 1, 16, dtype=torch.float32))
+
+
+def _row(cache: KVCache, row: int) -> KVCache:
+    """The cache as seen by a decode call whose one sequence is ``row`` (decode mode uses rows 0..B-1)."""
+    return KVCache([k[row:row + 1] for k in cache.keys], [v[row:row + 1] for v in cache.values])
+
+
+@pytest.mark.parametrize("name, d", [("model", 1), ("model", 3), ("model_two_depths", 2)])
+def test_caches_equal_full_recompute_after_rejections(request, name, d):
+    """After generating c tokens with rejections, the main layers' keys/values equal a fresh prefill's up to
+    position c-2 (the last token is never fed) and MTP depth j's up to c-1-j (its next token committed)."""
+    model = request.getfixturevalue(name)
+    L = model.config.num_hidden_layers
+    for seed, prompt in enumerate(PROMPTS[:3]):  # a seed each: a different pattern of wrong drafts
+        params = SamplingParams(temperature=0, max_new_tokens=14, ignore_eos=True, seed=seed)
+        plain = Engine(model, max_batch=1, max_seq_len=32).generate([prompt], params)[0]
+        engine = Engine(model, max_batch=1, max_seq_len=32, speculative_tokens=d)
+        oracle_drafts(engine, [plain.token_ids], seed=seed)
+        got = engine.generate([prompt], params)[0]
         assert got.token_ids == plain.token_ids and engine.stats.drafted_tokens > engine.stats.accepted_tokens > 0
         sequence = prompt + got.token_ids
-        fresh = KVCache.allocate(model.config, 1, 24, dtype=torch.float32, mtp=True)
+        fresh = KVCache.allocate(model.config, 1, 32, dtype=torch.float32, mtp=True)
         with torch.no_grad():
             model(torch.tensor([sequence]), kv_cache=fresh, cache_rows=torch.tensor([0]))
-        L, c = model.config.num_hidden_layers, len(sequence)
-        for layer in range(L + 1):  # exact: main layers up to c-2 (the last token is never fed), MTP depth 1 to c-2
-            end = c - 1
+        for layer in range(model.config.num_layers_with_mtp):
+            end = len(sequence) - 1 - max(layer - L + 1, 0)  # positions [0, end) are exact
             for cache, want in ((engine.cache.keys, fresh.keys), (engine.cache.values, fresh.values)):
                 torch.testing.assert_close(cache[layer][0, :, :end], want[layer][0, :, :end], atol=1e-4, rtol=0)
 
@@ -139,7 +176,7 @@ def test_expert_ids_replay(model):
 def test_stops_cut_inside_a_step(model):
     plain = Engine(model, max_batch=1, max_seq_len=24).generate([PROMPTS[1]], GREEDY)[0]
     engine = Engine(model, max_batch=1, max_seq_len=24, speculative_tokens=3)
-    oracle_drafts(engine, [plain.token_ids], wrong_every=100)  # every draft right: 4 tokens a step
+    oracle_drafts(engine, [plain.token_ids], wrong=0.0)  # every draft right: 4 tokens a step
     stop = plain.token_ids[2]
     cut = plain.token_ids.index(stop) + 1
     got = engine.generate([PROMPTS[1]], SamplingParams(temperature=0, max_new_tokens=7, stop_token_ids=(stop,),
@@ -150,9 +187,24 @@ def test_stops_cut_inside_a_step(model):
                                                              seed=SEED))[0]
         assert short.token_ids == plain.token_ids[:limit] and short.finish_reason == "length"
     full = Engine(model, max_batch=1, max_seq_len=13, speculative_tokens=3)  # 9-token prompt: room for 4
-    oracle_drafts(full, [plain.token_ids], wrong_every=100)
+    oracle_drafts(full, [plain.token_ids], wrong=0.0)
     got = full.generate([PROMPTS[1]], GREEDY)[0]
     assert got.token_ids == plain.token_ids[:4] and got.finish_reason == "length"
+
+
+def test_stop_strings(model):
+    tok = load_tiny_tokenizer()
+    prompt = tok.encode("Alice has 3 apples.")
+    params = SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True, seed=SEED)
+    free = Engine(model, max_batch=1, max_seq_len=40).generate([prompt], params)[0]
+    text = tok.decode(free.token_ids)
+    stop_string = text[len(tok.decode(free.token_ids[:3])):][:2] or text[-1:]
+    expected = next(i + 1 for i in range(len(free.token_ids)) if stop_string in tok.decode(free.token_ids[:i + 1]))
+    engine = Engine(model, max_batch=1, max_seq_len=40, tokenizer=tok, speculative_tokens=3)
+    oracle_drafts(engine, [free.token_ids], wrong=0.0)
+    got = engine.generate([prompt], SamplingParams(temperature=0, max_new_tokens=10, ignore_eos=True, seed=SEED,
+                                                   stop_strings=(stop_string,)))[0]
+    assert got.token_ids == free.token_ids[:expected] and got.finish_reason == "stop"
 
 
 def test_stats_and_argument_errors(model):

@@ -367,7 +367,7 @@ class Engine:
             at_draft = depth_input[torch.arange(b, device=self.device), anchor]
             return self.model.lm_head(at_draft).float(), at_draft
 
-        drafts, logq, _ = self._draft_depths(run_depth, ext, anchor, *self._noise_inputs(new, b, 0), params)
+        drafts, logq, _ = self._draft_depths(run_depth, ext, anchor, *self._noise_inputs(new, b), params)
         guess = drafts[-1]
         drafts += [guess] * (k - D)
         logq += [torch.full_like(logq[-1], float("-inf")).scatter_(1, guess.unsqueeze(1), 0.0)] * (k - D)
@@ -486,7 +486,7 @@ class Engine:
         self._tokens[:batch].copy_(ids)
         self._positions[:batch].copy_(starts.unsqueeze(1) + torch.arange(D + k))
         self._offsets[:batch].copy_(offsets)
-        keys, steps = self._noise_inputs(active, batch, 0)
+        keys, steps = self._noise_inputs(active, batch)
         self._keys[:batch].copy_(keys)
         self._steps[:batch].copy_(steps)
         draft_slots = self._offsets[:batch].unsqueeze(1) + torch.arange(k, device=self.device)
@@ -589,7 +589,7 @@ class Engine:
     # ---------------------------------------------------------------- sampling
     def _sample(self, seqs: list[_Sequence], logits: torch.Tensor, params: SamplingParams) -> list[Event]:
         """Draw each sequence's next token, append it, decide whether it finished; returns the events."""
-        keys, steps = self._noise_inputs(seqs, len(seqs), 0)
+        keys, steps = self._noise_inputs(seqs, len(seqs))
         tokens, logprobs = sample(logits, params, keys, steps, self._noise_basis(logits.shape[-1]))
         events = []
         for s, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
@@ -597,10 +597,10 @@ class Engine:
             self._collect_expert_ids(s, params)
         return events
 
-    def _noise_inputs(self, seqs: list[_Sequence], rows: int, extra: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(noise keys [rows], generated counts + extra [rows]) on the device; rows past the sequences get 0."""
+    def _noise_inputs(self, seqs: list[_Sequence], rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise keys [rows], generated counts [rows]) on the device; rows past the sequences get 0."""
         keys = [s.noise_key for s in seqs] + [0] * (rows - len(seqs))
-        steps = [len(s.completion.token_ids) + extra for s in seqs] + [0] * (rows - len(seqs))
+        steps = [len(s.completion.token_ids) for s in seqs] + [0] * (rows - len(seqs))
         return torch.tensor(keys, device=self.device), torch.tensor(steps, device=self.device)
 
     def _append(self, seq: _Sequence, token: int, logprob: float, params: SamplingParams) -> Event:
