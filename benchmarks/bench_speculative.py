@@ -3,6 +3,9 @@
 (a) The model: the demo's tiny-preset model (configs/demo.yaml: the ``tiny`` preset shrunk, one MTP layer)
     trained with the demo's SFT on worked ``basic_arithmetic`` solutions (``sft_loss`` includes the MTP
     loss, so the MTP head learns to draft), for --sft-steps steps; or loaded from --model. --save keeps it.
+    The draft costs about one MoE layer per step: with the demo's 4 decoder layers that is a third of the
+    main model (Ring-flash-2.0: 1 of 33 layers), which caps the d=1 speedup near (1 + acceptance) / 1.4;
+    --layers trains a deeper main model to show the regime of the real one.
 (b) Decoding held-out chat prompts (the task's held-out split) at each batch size: plain decoding against
     ``Engine(speculative_tokens=d)`` for each d, greedy and sampled (temperature 1), --new-tokens tokens
     per sequence with eos honoured. Reported: decode tokens/s (decode tokens over decode seconds, after a
@@ -37,8 +40,11 @@ from ringkern.train.stages import setup
 def trained_model(args, device: torch.device):
     """(model, tokenizer, held-out prompt ids): the demo's SFT on the demo task, or --model loaded."""
     with tempfile.TemporaryDirectory() as out_dir:
-        cfg = demo_config([f"run.out_dir={out_dir}", f"sft.steps={args.sft_steps}", f"run.device={device.type}",
-                           f"run.threads={args.threads}", "run.progress=false"])
+        overrides = [f"run.out_dir={out_dir}", f"sft.steps={args.sft_steps}", f"run.device={device.type}",
+                     f"run.threads={args.threads}", "run.progress=false"]
+        if args.layers:
+            overrides.append(f"model.overrides.num_hidden_layers={args.layers}")
+        cfg = demo_config(overrides)
         s = setup(cfg, tokenizer=build_tiny_tokenizer())
         prompts = chat_prompt_ids(s.tokenizer, s.held_out.problems)
         if args.model:
@@ -83,6 +89,8 @@ def main() -> None:
     parser.add_argument("--model", help="load this trained model instead of training one")
     parser.add_argument("--save", help="save the trained model here")
     parser.add_argument("--sft-steps", type=int, default=300)
+    parser.add_argument("--layers", type=int, help="decoder layers of the trained model (default: the demo's 4); "
+                        "the draft costs one MoE layer, so deeper models gain more")
     parser.add_argument("--batches", default="1,16")
     parser.add_argument("--drafts", default="1,2", help="speculative_tokens values to compare with plain")
     parser.add_argument("--new-tokens", type=int, default=48)
