@@ -27,7 +27,8 @@ positions it already holds, D = min(d, num_nextn_predict_layers), which the chai
 every accepted draft and one more token commit per step. Drafts 1..D come from MTP depths 1..D chained
 at the last committed position (depth j reads draft j-1 as its next token); drafts beyond D reuse the
 last MTP layer one position further each time, its own output standing in for the previous depth's
-hidden state there. The cache holds the MTP layers too. After a step with c committed tokens, the
+hidden state there (after a prefill, which runs the MTP depths over the new prompts, the first step's
+drafts past D repeat draft D with a one-hot q instead). The cache holds the MTP layers too. After a step with c committed tokens, the
 main model's keys/values are exact up to position c-2 and MTP depth j's up to c-1-j (whose next
 token is committed); every position past those is rewritten by the next window before any query reads
 it, and positions beyond a query's own are masked, so rejected drafts never leak. Greedy: a draft is
