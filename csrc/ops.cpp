@@ -56,6 +56,9 @@ TORCH_LIBRARY(ringkern, m) {
   // Gradients of mtp_input's out: (grad_embeds, grad_hidden, grad_enorm_weight, grad_hnorm_weight, grad_eh_weight).
   m.def("mtp_input_backward(Tensor grad_out, Tensor embeds, Tensor hidden, Tensor normed, Tensor enorm_weight, "
         "Tensor hnorm_weight, Tensor eh_weight, float eps) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Attention of decode queries q [B, Hq, T, D] (bf16) over cache rows k_cache, v_cache [R >= B, Hkv, S, D]:
+  // query t of row b sees positions <= positions[b, t] ([B, T] int64); -> [B, Hq, T, D].
+  m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor positions) -> Tensor");
 }
 
 #ifndef RINGKERN_CUDA_ARCHS

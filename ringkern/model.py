@@ -137,7 +137,7 @@ class Attention(nn.Module):
         rows = torch.arange(B, device=q.device).unsqueeze(1).expand(B, T)  # [B, T]
         kv.keys[rows, :, kv.positions] = k.transpose(1, 2)  # indexed view: [B, T, Hkv, D]
         kv.values[rows, :, kv.positions] = v.transpose(1, 2)
-        return inference_ops.cached_attention(q, kv.keys[:B], kv.values[:B], kv.mask)  # [B, Hq, T, D]
+        return inference_ops.cached_attention(q, kv.keys[:B], kv.values[:B], kv.mask, kv.positions)  # [B, Hq, T, D]
 
 
 class DenseMLP(nn.Module):

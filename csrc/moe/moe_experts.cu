@@ -183,11 +183,11 @@ void zero_empty_groups(at::Tensor& grouped, const at::Tensor& offsets, cudaStrea
 // ------------------------------------------------------------------------------------ few tokens per expert
 // Decode-sized batches put a handful of rows on each expert, so the GEMMs are weight-bandwidth bound:
 // these kernels stream each touched expert's weights once (16-byte loads, several in flight per lane) and
-// apply them to the expert's rows, up to kSmallRows at a time, staged in shared memory. Block (n-tile, e)
-// with no rows exits at once. The first fuses the row gather and the SwiGLU; the second writes Y_sorted.
+// apply them to the expert's rows, up to kSmallRows at a time, staged in shared memory. Block (n-tile, p)
+// works when sorted slot p is the first of its expert's run and exits at once otherwise. The first fuses the row gather and the SwiGLU; the second writes Y_sorted.
 
 constexpr int kSmallRows = 8;    // rows per pass over the weights
-constexpr int kSmallCols = 64;   // output columns per block (8 per warp)
+constexpr int kSmallCols = 32;   // output columns per block (4 per warp)
 constexpr int kSmallThreads = 256;
 constexpr int kSmallUnroll = 4;  // 16-byte weight loads in flight per lane and weight row
 
@@ -204,17 +204,29 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-// grid (I / kSmallCols, E). gate_up_out[p, n] and [p, I + n] (pre-activation), act[p, n] = silu(gate) * up.
+// The expert rows of sorted slot p when p starts its expert's run in the sorted order (else the block has
+// nothing to do): the grids run over slots, not experts, so at T = 1 no block waits on the 248 idle experts.
+__device__ __forceinline__ bool expert_run(const int32_t* sorted_slot, const int32_t* expert_ids,
+                                          const int32_t* offsets, int p, int& e, int& end) {
+  e = expert_ids[sorted_slot[p]];
+  if (p > 0 && expert_ids[sorted_slot[p - 1]] == e) return false;
+  end = offsets[e];
+  return true;
+}
+
+// grid (I / kSmallCols, S). gate_up_out[p, n] and [p, I + n] (pre-activation), act[p, n] = silu(gate) * up.
 // K = H, a multiple of kVec.
 __global__ void __launch_bounds__(kSmallThreads)
 small_gate_up_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ sorted_slot,
-                     const int32_t* __restrict__ offsets, const bf16* __restrict__ w_gu, bf16* __restrict__ gate_up_out,
-                     bf16* __restrict__ act, int k, int H, int I) {
+                     const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ offsets,
+                     const bf16* __restrict__ w_gu, bf16* __restrict__ gate_up_out, bf16* __restrict__ act, int k, int H,
+                     int I) {
   extern __shared__ __align__(16) unsigned char small_smem[];
   bf16* xs = reinterpret_cast<bf16*>(small_smem);                                      // [kSmallRows][H]
   float* out_sh = reinterpret_cast<float*>(small_smem + sizeof(bf16) * kSmallRows * H);  // [2][kSmallRows][cols]
-  const int e = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int begin = e == 0 ? 0 : offsets[e - 1], end = offsets[e];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, begin = blockIdx.y;
+  int e, end;
+  if (!expert_run(sorted_slot, expert_ids, offsets, begin, e, end)) return;
   const int n0 = blockIdx.x * kSmallCols;
   const bf16* w_e = w_gu + static_cast<int64_t>(e) * 2 * I * H;
   for (int r0 = begin; r0 < end; r0 += kSmallRows) {
@@ -226,6 +238,7 @@ small_gate_up_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ sor
       reinterpret_cast<Vec8*>(xs + r * H)[v] = reinterpret_cast<const Vec8*>(x + t * H)[v];
     }
     __syncthreads();
+#pragma unroll
     for (int c = 0; c < kSmallCols / 8; ++c) {
       const int col = warp * (kSmallCols / 8) + c;
       const Vec8* wg = reinterpret_cast<const Vec8*>(w_e + static_cast<int64_t>(n0 + col) * H);
@@ -279,15 +292,17 @@ small_gate_up_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ sor
   }
 }
 
-// grid (H / kSmallCols, E). y_sorted[p, h] = act[p, :] . w_down[e, h, :]; K = I, a multiple of kVec.
+// grid (H / kSmallCols, S). y_sorted[p, h] = act[p, :] . w_down[e, h, :]; K = I, a multiple of kVec.
 __global__ void __launch_bounds__(kSmallThreads)
-small_down_kernel(const bf16* __restrict__ act, const int32_t* __restrict__ offsets, const bf16* __restrict__ w_down,
-                  bf16* __restrict__ y_sorted, int H, int I) {
+small_down_kernel(const bf16* __restrict__ act, const int32_t* __restrict__ sorted_slot,
+                  const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ offsets,
+                  const bf16* __restrict__ w_down, bf16* __restrict__ y_sorted, int H, int I) {
   extern __shared__ __align__(16) unsigned char small_smem[];
   bf16* as = reinterpret_cast<bf16*>(small_smem);                                      // [kSmallRows][I]
   float* out_sh = reinterpret_cast<float*>(small_smem + sizeof(bf16) * kSmallRows * I);  // [kSmallRows][cols]
-  const int e = blockIdx.y, lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int begin = e == 0 ? 0 : offsets[e - 1], end = offsets[e];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, begin = blockIdx.y;
+  int e, end;
+  if (!expert_run(sorted_slot, expert_ids, offsets, begin, e, end)) return;
   const int h0 = blockIdx.x * kSmallCols;
   const bf16* w_e = w_down + static_cast<int64_t>(e) * H * I;
   for (int r0 = begin; r0 < end; r0 += kSmallRows) {
@@ -297,6 +312,7 @@ small_down_kernel(const bf16* __restrict__ act, const int32_t* __restrict__ offs
       reinterpret_cast<Vec8*>(as)[i] = reinterpret_cast<const Vec8*>(act + static_cast<int64_t>(r0) * I)[i];
     }
     __syncthreads();
+#pragma unroll
     for (int c = 0; c < kSmallCols / 8; ++c) {
       const int col = warp * (kSmallCols / 8) + c;
       const Vec8* wd = reinterpret_cast<const Vec8*>(w_e + static_cast<int64_t>(h0 + col) * I);
@@ -349,11 +365,11 @@ void allow_dynamic_smem(Kernel kernel, size_t bytes) {
 }
 
 // Whether the few-rows kernels take this problem: at most RINGKERN_MOE_SMALL_SLOTS token slots and sizes
-// they tile. Default 8 slots (T = 1 at top-8): measured on an H200 at Ring-flash shapes, they beat the
-// torch._grouped_mm path at T = 1 (0.30 vs 0.36 ms for the whole routed path) but not at T = 64
-// (2.48 vs 2.10 ms) nor beyond. 0 turns them off.
+// they tile. Default 128 slots (T <= 16 at top-8): measured on an H200 at Ring-flash shapes (whole routed
+// path, router included), few-rows vs torch._grouped_mm path: T=1 0.247 vs 0.289 ms, T=4 0.485 vs 0.546,
+// T=8 0.733 vs 0.814, T=16 1.154 vs 1.207, T=64 2.882 vs 2.140. 0 turns them off.
 bool use_small_kernels(int64_t S, int64_t H, int64_t I) {
-  static const int64_t fallback = 8;
+  static const int64_t fallback = 128;
   const char* env = std::getenv("RINGKERN_MOE_SMALL_SLOTS");
   const int64_t max_slots = env ? std::atoll(env) : fallback;
   const size_t smem = sizeof(bf16) * kSmallRows * H + sizeof(float) * 2 * kSmallRows * kSmallCols;
@@ -443,13 +459,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
     const size_t smem_b = sizeof(bf16) * kSmallRows * I + sizeof(float) * kSmallRows * kSmallCols;
     allow_dynamic_smem(small_gate_up_kernel, smem_a);
     allow_dynamic_smem(small_down_kernel, smem_b);
-    small_gate_up_kernel<<<dim3(I / kSmallCols, E), kSmallThreads, smem_a, stream>>>(
-        reinterpret_cast<const bf16*>(x.data_ptr()), sorted_slot.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
+    const auto ids = expert_ids.to(at::kInt).contiguous();
+    small_gate_up_kernel<<<dim3(I / kSmallCols, S), kSmallThreads, smem_a, stream>>>(
+        reinterpret_cast<const bf16*>(x.data_ptr()), sorted_slot.data_ptr<int32_t>(), ids.data_ptr<int32_t>(),
+        offsets.data_ptr<int32_t>(),
         reinterpret_cast<const bf16*>(gate_up_proj.data_ptr()), reinterpret_cast<bf16*>(gate_up_out.data_ptr()),
         reinterpret_cast<bf16*>(act.data_ptr()), static_cast<int>(k), static_cast<int>(H), static_cast<int>(I));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    small_down_kernel<<<dim3(H / kSmallCols, E), kSmallThreads, smem_b, stream>>>(
-        reinterpret_cast<const bf16*>(act.data_ptr()), offsets.data_ptr<int32_t>(),
+    small_down_kernel<<<dim3(H / kSmallCols, S), kSmallThreads, smem_b, stream>>>(
+        reinterpret_cast<const bf16*>(act.data_ptr()), sorted_slot.data_ptr<int32_t>(), ids.data_ptr<int32_t>(),
+        offsets.data_ptr<int32_t>(),
         reinterpret_cast<const bf16*>(down_proj.data_ptr()), reinterpret_cast<bf16*>(y_sorted.data_ptr()),
         static_cast<int>(H), static_cast<int>(I));
     C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -87,6 +87,19 @@ def _register_mtp_input() -> None:
 _register_mtp_input()
 
 
+def _register_decode_attention() -> None:
+    from .inference import decode_attention_reference
+
+    torch.library.register_kernel("ringkern::decode_attention", "cpu", decode_attention_reference)
+
+    @torch.library.register_fake("ringkern::decode_attention")
+    def _(q, k_cache, v_cache, positions):
+        return torch.empty_like(q)
+
+
+_register_decode_attention()
+
+
 def _register_moe() -> None:
     from . import moe_reference as moe_ref
 

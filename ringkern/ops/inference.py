@@ -85,14 +85,29 @@ def cache_attention_mask(positions: torch.Tensor, cache_len: int, groups: int) -
 
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     mask: torch.Tensor) -> torch.Tensor:
+                     mask: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of new queries over cache rows that already hold their own keys and values.
 
     q: [B, Hq, T, D]; k_cache, v_cache: [B, Hkv, S, D]; mask: :func:`cache_attention_mask` of the
-    queries' positions (whatever the rows hold past a query's position is masked). The G = Hq/Hkv query
-    heads of a group are folded into the query axis, so K and V are read once per group, with no GQA
-    expansion.
+    queries' positions [B, T] (whatever the rows hold past a query's position is masked). On CUDA with bf16
+    and a supported shape (``decode_kernel_supported``), given ``positions``, the split-KV decode kernel of
+    csrc/attention (``torch.ops.ringkern.decode_attention``); otherwise SDPA with the mask, the G = Hq/Hkv
+    query heads of a group folded into the query axis so K and V are read once per group (no GQA expansion).
     """
+    if positions is not None and decode_kernel_supported(q, k_cache):
+        return torch.ops.ringkern.decode_attention(q.contiguous(), k_cache, v_cache, positions.contiguous())
+    return _masked_attention(q, k_cache, v_cache, mask)
+
+
+def decode_kernel_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
+    """Whether the CUDA decode kernel takes these shapes: bf16, head dim 64/128/256, G * T * D <= 2048."""
+    B, Hq, T, D = q.shape
+    return (q.is_cuda and q.dtype == k_cache.dtype == torch.bfloat16 and D in (64, 128, 256)
+            and (Hq // k_cache.shape[1]) * T * D <= 2048)
+
+
+def _masked_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                      mask: torch.Tensor) -> torch.Tensor:
     B, Hq, T, D = q.shape
     Hkv = k_cache.shape[1]
     q_grouped = q.reshape(B, Hkv, (Hq // Hkv) * T, D)  # query head h uses kv head h // G
@@ -100,5 +115,13 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     return out.reshape(B, Hq, T, D)
 
 
-__all__ = ["cache_attention_mask", "cached_attention", "expert_counts", "grouped_mm_supported", "moe_experts",
+def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                               positions: torch.Tensor) -> torch.Tensor:
+    """The contract of ``torch.ops.ringkern.decode_attention`` (its CPU kernel): cache rows 0..B-1."""
+    B, Hq, T, D = q.shape
+    mask = cache_attention_mask(positions, k_cache.shape[2], Hq // k_cache.shape[1])
+    return _masked_attention(q, k_cache[:B], v_cache[:B], mask)
+
+
+__all__ = ["cache_attention_mask", "cached_attention", "decode_attention_reference", "decode_kernel_supported", "expert_counts", "grouped_mm_supported", "moe_experts",
            "moe_experts_gathered", "moe_experts_grouped", "moe_route", "moe_route_sync_free"]
