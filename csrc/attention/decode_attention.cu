@@ -2,8 +2,9 @@
 // attend to the cache positions <= their own. The decode step's attention is tiny (one or a few queries per
 // sequence) and bandwidth-bound, so the work is spread over key splits:
 //   partial kernel, grid (B * Hkv, splits), kKeys threads: the Q = G * T query rows of one kv head (G query
-//     heads share it, GQA) are scored against the split's keys kKeys at a time (one key per thread), with an
-//     online softmax; the block writes its unnormalized (max, sum, acc[Q, D]) in fp32;
+//     heads share it, GQA) are scored against the split's keys kKeys at a time (each tile of keys and values
+//     staged in shared memory, one key per thread for the scores), with an online softmax; the block writes
+//     its unnormalized (max, sum, acc[Q, D]) in fp32;
 //   merge kernel, grid (B * Hkv * Q), D threads: merges the splits of one query row in a fixed order.
 // Splits past a sequence's last query position exit at once (the grid is shaped by B and the cache length
 // only, so a CUDA graph can capture it). Deterministic; fp32 softmax and accumulation.
@@ -37,7 +38,8 @@ __global__ void __launch_bounds__(kKeys) decode_attention_partial_kernel(
     const bf16* __restrict__ q, const bf16* __restrict__ k_cache, const bf16* __restrict__ v_cache,
     const int64_t* __restrict__ positions, float* __restrict__ part_ml, float* __restrict__ part_acc, Shape sh) {
   constexpr int kCols = D / kKeys;  // columns of acc a thread owns: j, j + kKeys, ...
-  extern __shared__ float smem[];
+  constexpr int kPitch = D + 8;     // smem row pitch of the K/V tiles: 16-byte reads of 8 rows hit 32 banks
+  extern __shared__ __align__(16) float smem[];
   const int Q = sh.G * sh.T;
   float* qs = smem;                  // [Q][D]
   float* ps = qs + Q * D;            // [Q][kKeys] scores, then probabilities
@@ -45,6 +47,8 @@ __global__ void __launch_bounds__(kKeys) decode_attention_partial_kernel(
   float* row_l = row_m + Q;          // [Q] running sum
   float* row_alpha = row_l + Q;      // [Q] rescale of this tile
   int64_t* qpos = reinterpret_cast<int64_t*>(row_alpha + Q + (Q & 1));  // [Q] (8-byte aligned)
+  bf16* ks = reinterpret_cast<bf16*>((reinterpret_cast<uintptr_t>(qpos + Q) + 15) & ~uintptr_t{15});  // [kKeys][kPitch]
+  bf16* vs = ks + kKeys * kPitch;                    // [kKeys][kPitch] value tile
 
   const int b = blockIdx.x / sh.Hkv, h = blockIdx.x % sh.Hkv, split = blockIdx.y, j = threadIdx.x;
   const int64_t out_base = ((static_cast<int64_t>(blockIdx.x) * sh.splits + split) * Q);
@@ -71,16 +75,25 @@ __global__ void __launch_bounds__(kKeys) decode_attention_partial_kernel(
 
   const int64_t head_base = b * sh.cache_row_stride + static_cast<int64_t>(h) * sh.S * D;
   for (int tile = start; tile < stop; tile += kKeys) {
+    // stage the tile's keys and values in shared memory: 16-byte loads, all in flight together
+    const int n = min(kKeys, stop - tile);
+#pragma unroll 8
+    for (int e = j; e < n * (D / 8); e += kKeys) {
+      const int r = e / (D / 8), c = (e % (D / 8)) * 8;
+      const int64_t src = head_base + static_cast<int64_t>(tile + r) * D + c;
+      *reinterpret_cast<uint4*>(ks + r * kPitch + c) = *reinterpret_cast<const uint4*>(k_cache + src);
+      *reinterpret_cast<uint4*>(vs + r * kPitch + c) = *reinterpret_cast<const uint4*>(v_cache + src);
+    }
+    __syncthreads();
     // scores: thread j <-> key s
     const int s = tile + j;
     float score[kMaxAccPerThread / kCols];
 #pragma unroll
     for (int i = 0; i < kMaxAccPerThread / kCols; ++i) score[i] = 0.f;
-    if (s < stop) {
-      const bf16* kr = k_cache + head_base + static_cast<int64_t>(s) * D;
+    if (j < n) {
 #pragma unroll 4
       for (int d0 = 0; d0 < D; d0 += 8) {
-        const uint4 raw = *reinterpret_cast<const uint4*>(kr + d0);
+        const uint4 raw = *reinterpret_cast<const uint4*>(ks + j * kPitch + d0);
         const bf16* kv = reinterpret_cast<const bf16*>(&raw);
         float kf[8];
 #pragma unroll
@@ -129,12 +142,10 @@ __global__ void __launch_bounds__(kKeys) decode_attention_partial_kernel(
         for (int c = 0; c < kCols; ++c) acc[i][c] *= row_alpha[i];
       }
     }
-    const int n = min(kKeys, stop - tile);
     for (int key = 0; key < n; ++key) {
-      const bf16* vr = v_cache + head_base + static_cast<int64_t>(tile + key) * D;
       float vv[kCols];
 #pragma unroll
-      for (int c = 0; c < kCols; ++c) vv[c] = __bfloat162float(vr[j + c * kKeys]);
+      for (int c = 0; c < kCols; ++c) vv[c] = __bfloat162float(vs[key * kPitch + j + c * kKeys]);
 #pragma unroll
       for (int i = 0; i < kMaxAccPerThread / kCols; ++i) {
         if (i < Q) {
@@ -144,7 +155,7 @@ __global__ void __launch_bounds__(kKeys) decode_attention_partial_kernel(
         }
       }
     }
-    __syncthreads();  // ps is rewritten by the next tile
+    __syncthreads();  // ps and the tiles are rewritten by the next tile
   }
   for (int i = j; i < Q; i += kKeys) {
     part_ml[(out_base + i) * 2] = row_m[i];
@@ -219,7 +230,8 @@ at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache,
   auto f32 = q.options().dtype(at::kFloat);
   auto part_ml = at::empty({B * Hkv * splits * Q * 2}, f32);
   auto part_acc = at::empty({B * Hkv * splits * Q * D}, f32);
-  const size_t smem = sizeof(float) * (Q * D + Q * kKeys + 3 * Q + 1) + sizeof(int64_t) * Q + 8;
+  const size_t smem = sizeof(float) * (Q * D + Q * kKeys + 3 * Q + 1) + sizeof(int64_t) * (Q + 1) +
+                      2 * sizeof(bf16) * kKeys * (D + 8) + 16;
   auto stream = at::cuda::getCurrentCUDAStream();
   auto launch = [&](auto kernel) {
     if (smem > 48 * 1024) {
