@@ -63,3 +63,4 @@ def test_model_on_cuda_matches_cpu():
     gpu.load_state_dict(cpu.state_dict())
     out = gpu(ids.cuda(), expert_ids={k: v.cuda() for k, v in ref_out.expert_ids.items()})
     assert _rel(out.logits.cpu(), ref_out.logits) < 1e-4
+    assert _rel(out.mtp_logits[0].cpu(), ref_out.mtp_logits[0]) < 1e-4  # through the fused MTP input op
