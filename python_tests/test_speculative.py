@@ -121,7 +121,9 @@ def test_cached_mtp_forward_equals_full_recompute(model):
 
 def _row(cache: KVCache, row: int) -> KVCache:
     """The cache as seen by a decode call whose one sequence is ``row`` (decode mode uses rows 0..B-1)."""
-    return KVCache([k[row:row + 1] for k in cache.keys], [v[row:row + 1] for v in cache.values])
+    view = cache.row_view(row, row + 1)
+    assert all(k.data_ptr() == full[row].data_ptr() for k, full in zip(view.keys, cache.keys))  # views, no copy
+    return view
 
 
 @pytest.mark.parametrize("name, d", [("model", 1), ("model", 3), ("model_two_depths", 2)])

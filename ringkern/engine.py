@@ -27,8 +27,8 @@ positions it already holds, D = min(d, num_nextn_predict_layers), which the chai
 every accepted draft and one more token commit per step. Drafts 1..D come from MTP depths 1..D chained
 at the last committed position (depth j reads draft j-1 as its next token); drafts beyond D reuse the
 last MTP layer one position further each time, its own output standing in for the previous depth's
-hidden state there (after a prefill, which runs the MTP depths over the new prompts, the first step's
-drafts past D repeat draft D with a one-hot q instead). The cache holds the MTP layers too. After a step with c committed tokens, the
+hidden state there. After a prefill the MTP layers run over the new prompts (filling their cache) and
+draft the first step. The cache holds the MTP layers too. After a step with c committed tokens, the
 main model's keys/values are exact up to position c-2 and MTP depth j's up to c-1-j (whose next
 token is committed); every position past those is rewritten by the next window before any query reads
 it, and positions beyond a query's own are masked, so rejected drafts never leak. Greedy: a draft is
@@ -345,12 +345,10 @@ class Engine:
                              params: SamplingParams) -> None:
         """Fill the MTP layers' cache over the new prompts and draft their first step (rows from first_row).
 
-        hidden [b, T, H]: the prefill's main hidden states, one row per new sequence. Drafts past the MTP
-        depths would need single-position cached steps on these rows; instead they repeat the last draft as a
-        deterministic guess (q one-hot), which the acceptance rule handles exactly, for this first step only.
+        hidden [b, T, H]: the prefill's main hidden states, one row per new sequence.
         """
         b, T, _ = hidden.shape
-        D, k = self.draft_depths, self.speculative_tokens
+        D = self.draft_depths
         ext = torch.zeros(b, T + D, dtype=torch.long)
         mask = torch.zeros(b, T, dtype=torch.bool)
         for i, s in enumerate(new):
@@ -368,10 +366,10 @@ class Engine:
             at_draft = depth_input[torch.arange(b, device=self.device), anchor]
             return self.model.lm_head(at_draft).float(), at_draft
 
-        drafts, logq, _ = self._draft_depths(run_depth, ext, anchor, *self._noise_inputs(new, b), params)
-        guess = drafts[-1]
-        drafts += [guess] * (k - D)
-        logq += [torch.full_like(logq[-1], float("-inf")).scatter_(1, guess.unsqueeze(1), 0.0)] * (k - D)
+        keys, steps = self._noise_inputs(new, b)
+        drafts, logq, last_hidden = self._draft_depths(run_depth, ext, anchor, keys, steps, params)
+        self._draft_beyond_depths(drafts, logq, last_hidden, anchor, keys, steps, params,
+                                  self.cache.row_view(first_row, first_row + b))
         self._drafts[rows] = torch.stack(drafts, dim=1)
         self._draft_logq[rows] = torch.stack(logq, dim=1)
 
@@ -468,7 +466,7 @@ class Engine:
         drafts, logq, last_hidden = self._draft_depths(functools.partial(self._depth_forward, batch=batch),
                                                        ext, anchor, keys, steps + accepted + 1, params)
         self._draft_beyond_depths(drafts, logq, last_hidden, self._positions[rows, anchor], keys,
-                                  steps + accepted + 1, params)
+                                  steps + accepted + 1, params, self.cache)
         return tokens, logprobs, accepted, torch.stack(drafts, dim=1), torch.stack(logq, dim=1), routing
 
     def _window_inputs(self, active: list[_Sequence], batch: int) -> None:
@@ -541,15 +539,15 @@ class Engine:
 
     def _draft_beyond_depths(self, drafts: list[torch.Tensor], logq: list[torch.Tensor], h: torch.Tensor,
                              position: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor,
-                             params: SamplingParams) -> None:
+                             params: SamplingParams, cache: KVCache) -> None:
         """Append drafts D+1..d to ``drafts``/``logq``: the last MTP layer one position further each time
-        (decode mode on rows 0..b-1), fed its own output h [b, 1, H] at the previous position as the hidden
-        state and the previous draft as the next token. position [b]: the draft position. Its keys/values
-        there are stand-ins that the next verify window rewrites."""
+        (decode mode on rows 0..b-1 of ``cache``), fed its own output h [b, 1, H] at the previous position as
+        the hidden state and the previous draft as the next token. position [b]: the draft position. Its
+        keys/values there are stand-ins that the next verify window rewrites."""
         for i in range(self.draft_depths, self.speculative_tokens):
             position = position + 1
             h, _ = self.model.mtp_forward(self.draft_depths, h, drafts[-1].unsqueeze(1),
-                                          position_ids=position.unsqueeze(1), kv_cache=self.cache)
+                                          position_ids=position.unsqueeze(1), kv_cache=cache)
             token, token_logq = self._draw_draft(self.model.lm_head(h[:, 0]).float(), keys, steps + i, params)
             drafts.append(token)
             logq.append(token_logq)

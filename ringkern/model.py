@@ -71,6 +71,11 @@ class KVCache:
     def num_layers(self) -> int:
         return len(self.keys)
 
+    def row_view(self, start: int, stop: int) -> "KVCache":
+        """Rows [start, stop) as a cache of their own (views, no copy): a decode call on it, which addresses
+        rows 0..B-1, reads and writes rows start..stop-1 of this cache."""
+        return KVCache([k[start:stop] for k in self.keys], [v[start:stop] for v in self.values])
+
     def copy_row(self, src: int, dst: int, length: int) -> None:
         """Copy positions [0, length) of row ``src`` into row ``dst`` in every layer."""
         for cache in (*self.keys, *self.values):
