@@ -1,7 +1,8 @@
 """Routed-expert MoE path at Ring-flash-2.0 shapes (H=4096, I=1024, E=256, top-8, 8 groups keep 4, bf16).
 
 Times, in one process, the path from hidden states to the combined routed output, router included:
-- ringkern: fp32 gate GEMM (cuBLAS) -> ops.moe_route (fused kernel) -> ops.moe_experts (sync-free);
+- ringkern: gate GEMM reading bf16, writing fp32 (ops.router_logits) -> ops.moe_route (fused kernel) ->
+  ops.moe_experts (sync-free);
 - grouped_mm: the torch._grouped_mm pipeline of shared/PERF.md (reference routing, argsort, gather,
   two grouped GEMMs, silu*up, index_add);
 - loop: the per-expert loop (reference.moe_experts, HF style), small T only.
@@ -55,22 +56,22 @@ def main() -> None:
     dev = "cuda"
     gate_up = (torch.randn(E, 2 * I, H, device=dev) * 0.02).bfloat16()
     down = (torch.randn(E, H, I, device=dev) * 0.02).bfloat16()
-    router = torch.randn(E, H, device=dev) * 0.02
+    router = (torch.randn(E, H, device=dev) * 0.02).bfloat16()  # a bf16 model's gate weight
     bias = torch.zeros(E, device=dev)
     expert_bytes = (2 * I * H + H * I) * 2
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows, results = [], {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
 
     def ours(x):
-        w, ids, _ = ops.moe_route(x.float() @ router.t(), bias, **ROUTE)
+        w, ids, _ = ops.moe_route(ops.router_logits(x, router), bias, **ROUTE)
         return ops.moe_experts(x, w, ids, gate_up, down)
 
     def baseline(x):
-        w, ids, _ = ref.moe_route(x.float() @ router.t(), bias, **ROUTE)
+        w, ids, _ = ref.moe_route(x.float() @ router.float().t(), bias, **ROUTE)
         return grouped_mm_experts(x, w, ids, gate_up, down)
 
     def loop(x):
-        w, ids, _ = ref.moe_route(x.float() @ router.t(), bias, **ROUTE)
+        w, ids, _ = ref.moe_route(x.float() @ router.float().t(), bias, **ROUTE)
         return ref.moe_experts(x, w, ids, gate_up, down)
 
     for T in args.tokens:
@@ -79,7 +80,7 @@ def main() -> None:
         pick = lambda: xs[next(it) % len(xs)]  # noqa: E731  (rotate inputs)
         reps = args.reps if T <= 16384 else max(3, args.reps // 3)
         with torch.no_grad():
-            logits = xs[0].float() @ router.t()
+            logits = xs[0].float() @ router.float().t()
             _, ids, counts = ops.moe_route(logits, bias, **ROUTE)
             touched = int((counts > 0).sum().item())
             y_ours, y_base = ours(xs[0]), baseline(xs[0])

@@ -59,6 +59,8 @@ TORCH_LIBRARY(ringkern, m) {
   // Attention of decode queries q [B, Hq, T, D] (bf16) over cache rows k_cache, v_cache [R >= B, Hkv, S, D]:
   // query t of row b sees positions <= positions[b, t] ([B, T] int64); -> [B, Hq, T, D].
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor positions) -> Tensor");
+  // Router logits x [N, H] @ weight [E, H]^T in fp32 (fp32 accumulation; bf16 inputs read as they are).
+  m.def("router_logits(Tensor x, Tensor weight) -> Tensor");
 }
 
 #ifndef RINGKERN_CUDA_ARCHS

@@ -293,3 +293,36 @@ def test_cuda_experts_ring_shapes_forward(T, experts_path):
         eager = ref.moe_experts(x, weights, ids, gate_up, down).float()
         exact = ref.moe_experts(x.float(), weights, ids, gate_up.float(), down.float())
     assert _rel_err(got, exact) <= 2 * _rel_err(eager, exact) + 1e-5
+
+
+def test_router_logits_cpu_matches_fp32_linear_and_grads():
+    x = torch.randn(7, 24, requires_grad=True)
+    w = torch.randn(16, 24, requires_grad=True)
+    g = torch.randn(7, 16)
+    gx, gw = torch.autograd.grad(ops.router_logits(x, w), (x, w), g)
+    torch.testing.assert_close(gx, g @ w.detach())
+    torch.testing.assert_close(gw, g.t() @ x.detach())
+    xb, wb = x.detach().bfloat16(), w.detach().bfloat16()
+    out = ops.router_logits(xb, wb)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, xb.float() @ wb.float().t())
+    torch.library.opcheck(torch.ops.ringkern.router_logits.default,
+                          (xb.float().requires_grad_(), wb.float().requires_grad_()))
+
+
+@requires_cuda
+@pytest.mark.parametrize("N", [0, 1, 37, 4096])
+def test_cuda_router_logits_bf16_equal_the_fp32_gemm_of_the_upcasts(N):
+    x = torch.randn(N, 4096, device="cuda").bfloat16().requires_grad_()
+    w = (torch.randn(256, 4096, device="cuda") * 0.02).bfloat16().requires_grad_()
+    out = ops.router_logits(x, w)
+    want = x.detach().double() @ w.detach().double().t()
+    assert out.dtype == torch.float32 and out.shape == (N, 256)
+    if N:
+        assert ((out.double() - want).abs().max() / want.abs().max()).item() < 1e-5
+        g = torch.randn_like(out)
+        gx, gw = torch.autograd.grad(out, (x, w), g)
+        torch.testing.assert_close(gx.float(), (g @ w.float()).bfloat16().float())
+        torch.testing.assert_close(gw.float(), (g.t() @ x.float()).bfloat16().float(), rtol=2e-2, atol=1e-2)
+    fp32 = ops.router_logits(x.detach().float(), w.detach().float())  # fallback: fp32 GEMM
+    torch.testing.assert_close(fp32, x.detach().float() @ w.detach().float().t(), rtol=1e-4, atol=1e-4)

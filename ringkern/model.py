@@ -170,7 +170,7 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None):
         """x [N, H] -> (weights [N, k] fp32, expert_ids [N, k] int32, tokens_per_expert [E] int32).
         No host sync on CUDA (one fused kernel), so the cached decode step can be captured."""
-        logits = F.linear(x.float(), self.weight.float())  # [N, E]
+        logits = ops.router_logits(x, self.weight)  # [N, E] fp32
         cfg = self.cfg
         return ops.moe_route(logits, self.expert_bias, n_group=cfg.n_group, topk_group=cfg.topk_group,
                      top_k=cfg.num_experts_per_tok, routed_scaling_factor=cfg.routed_scaling_factor,

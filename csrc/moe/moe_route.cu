@@ -9,6 +9,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cub/block/block_scan.cuh>
+#include <cublas_v2.h>
 #include <torch/library.h>
 
 #include <climits>
@@ -434,8 +435,39 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cuda(con
   return {counts, offsets, sorted_slot, slot_pos};
 }
 
+// logits [N, E] fp32 = x [N, H] @ weight [E, H]^T with fp32 accumulation. bf16 x and weight: one cuBLAS GEMM
+// reading them as they are and writing fp32 (the same values as the fp32 GEMM of their upcasts, up to the
+// summation order); other dtypes: the fp32 GEMM of the upcasts.
+at::Tensor router_logits_cuda(const at::Tensor& x, const at::Tensor& weight) {
+  check_cuda(x, "x");
+  check_same_device(weight, x, "weight");
+  RK_CHECK_ARG(x.dim() == 2, "x", "expected [N, H], got ", x.sizes());
+  RK_CHECK_ARG(weight.dim() == 2 && weight.size(1) == x.size(1), "weight", "expected [E, ", x.size(1), "], got ",
+               weight.sizes());
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (x.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16) {
+    return at::linear(x.to(at::kFloat), weight.to(at::kFloat));
+  }
+  const auto xc = x.contiguous(), wc = weight.contiguous();
+  const int64_t N = x.size(0), H = x.size(1), E = weight.size(0);
+  auto logits = at::empty({N, E}, x.options().dtype(at::kFloat));
+  if (N == 0 || E == 0) return logits;
+  if (H == 0) return logits.zero_();
+  RK_CHECK_ARG(N <= INT_MAX && H <= INT_MAX && E <= INT_MAX, "x", "sizes beyond cuBLAS's 32-bit limits");
+  const float alpha = 1.f, beta = 0.f;
+  // column-major: logits^T [E, N] = weight [H, E]^T @ x^T [H, N]
+  const cublasStatus_t status = cublasGemmEx(
+      at::cuda::getCurrentCUDABlasHandle(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(E), static_cast<int>(N),
+      static_cast<int>(H), &alpha, wc.data_ptr(), CUDA_R_16BF, static_cast<int>(H), xc.data_ptr(), CUDA_R_16BF,
+      static_cast<int>(H), &beta, logits.data_ptr(), CUDA_R_32F, static_cast<int>(E), CUBLAS_COMPUTE_32F,
+      CUBLAS_GEMM_DEFAULT);
+  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "ringkern: cublasGemmEx failed with status ", static_cast<int>(status));
+  return logits;
+}
+
 TORCH_LIBRARY_IMPL(ringkern, CUDA, m) {
   m.impl("moe_route", &moe_route_cuda);
+  m.impl("router_logits", &router_logits_cuda);
   m.impl("moe_route_backward", &moe_route_backward_cuda);
   m.impl("moe_dispatch", &moe_dispatch_cuda);
 }

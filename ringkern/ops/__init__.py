@@ -16,7 +16,7 @@ from .reference import (AGGREGATIONS, CORRECTIONS, apply_partial_rope, attention
 
 __all__ = ["AGGREGATIONS", "CORRECTIONS", "ICEPOP_METRICS", "apply_partial_rope", "attention",
            "expert_bias_update", "icepop_policy_loss", "linear_cross_entropy", "moe_dispatch", "moe_experts",
-           "moe_route", "mtp_input", "rms_norm", "rope_cos_sin", "rope_frequencies", "rope_inv_freq", "token_logprobs"]
+           "moe_route", "mtp_input", "rms_norm", "router_logits", "rope_cos_sin", "rope_frequencies", "rope_inv_freq", "token_logprobs"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -40,6 +40,15 @@ def mtp_input(embeds: torch.Tensor, hidden: torch.Tensor, enorm_weight: torch.Te
                                               hidden.to(dtype).reshape(-1, H).contiguous(), enorm_weight.contiguous(),
                                               hnorm_weight.contiguous(), eh_weight.to(dtype).contiguous(), float(eps))
     return out.reshape(embeds.shape)
+
+
+def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """fp32 router logits x [N, H] @ weight [E, H]^T, as the published gate computes them (fp32 math).
+
+    On CUDA with bf16 x and weight: one cuBLAS GEMM reading bf16 and writing fp32 (no fp32 copies; the values
+    are those of the upcast inputs); otherwise the fp32 GEMM of the upcasts. Differentiable in both.
+    """
+    return torch.ops.ringkern.router_logits(x, weight)
 
 
 def moe_route(router_logits: torch.Tensor, expert_bias: torch.Tensor, *, n_group: int, topk_group: int,

@@ -100,6 +100,29 @@ def _register_decode_attention() -> None:
 _register_decode_attention()
 
 
+def _register_router_logits() -> None:
+    def router_logits_cpu(x, weight):
+        return torch.nn.functional.linear(x.float(), weight.float())
+
+    torch.library.register_kernel("ringkern::router_logits", "cpu", router_logits_cpu)
+
+    @torch.library.register_fake("ringkern::router_logits")
+    def _(x, weight):
+        return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
+
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        return (grad @ weight.float()).to(x.dtype), (grad.t() @ x.float()).to(weight.dtype)
+
+    torch.library.register_autograd("ringkern::router_logits", backward, setup_context=setup_context)
+
+
+_register_router_logits()
+
+
 def _register_moe() -> None:
     from . import moe_reference as moe_ref
 
