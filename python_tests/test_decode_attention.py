@@ -46,7 +46,8 @@ def test_reference_matches_naive():
 @pytest.mark.parametrize("B,Hq,Hkv,T,S,D,rows", [(1, 32, 4, 1, 1088, 128, 1), (3, 8, 2, 2, 200, 128, 5),
                                                   (5, 4, 4, 1, 64, 64, 5), (2, 16, 2, 2, 300, 64, 2),
                                                   (4, 8, 4, 3, 129, 256, 6), (64, 32, 4, 1, 513, 128, 64)])
-def test_decode_attention_cuda_matches_reference(B, Hq, Hkv, T, S, D, rows):
+def test_decode_attention_cuda_matches_reference(B, Hq, Hkv, T, S, D, rows, monkeypatch):
+    monkeypatch.setenv("RINGKERN_DECODE_ATTENTION", "1")  # the decode step's opt-in
     q, k, v, pos = _case(B, Hq, Hkv, T, S, D, rows, device="cuda", dtype=torch.bfloat16, seed=B * S)
     assert inference.decode_kernel_supported(q, k)
     got = torch.ops.ringkern.decode_attention(q, k[:B], v[:B], pos)
@@ -58,7 +59,8 @@ def test_decode_attention_cuda_matches_reference(B, Hq, Hkv, T, S, D, rows):
 
 
 @requires_cuda
-def test_decode_attention_cuda_graph_replay_and_errors():
+def test_decode_attention_cuda_graph_replay_and_errors(monkeypatch):
+    monkeypatch.setenv("RINGKERN_DECODE_ATTENTION", "1")
     q, k, v, pos = _case(2, 8, 2, 1, 256, 128, device="cuda", dtype=torch.bfloat16)
     out = torch.empty_like(q)
     torch.ops.ringkern.decode_attention(q, k, v, pos)  # warm-up outside the capture

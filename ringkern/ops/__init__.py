@@ -48,7 +48,8 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     On CUDA with bf16 x and weight: one cuBLAS GEMM reading bf16 and writing fp32 (no fp32 copies; the values
     are those of the upcast inputs); otherwise the fp32 GEMM of the upcasts. Differentiable in both.
     """
-    return torch.ops.ringkern.router_logits(x, weight)
+    with torch.autocast(x.device.type, enabled=False):  # fp32 logits under autocast too (the kernel's fallback
+        return torch.ops.ringkern.router_logits(x, weight)  # calls at::linear, which autocast would make bf16)
 
 
 def moe_route(router_logits: torch.Tensor, expert_bias: torch.Tensor, *, n_group: int, topk_group: int,

@@ -20,6 +20,8 @@ I expert intermediate size, B sequences, S cache length, D head dim.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 
@@ -89,9 +91,9 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     """Attention of new queries over cache rows that already hold their own keys and values.
 
     q: [B, Hq, T, D]; k_cache, v_cache: [B, Hkv, S, D]; mask: :func:`cache_attention_mask` of the
-    queries' positions [B, T] (whatever the rows hold past a query's position is masked). On CUDA with bf16
-    and a supported shape (``decode_kernel_supported``), given ``positions``, the split-KV decode kernel of
-    csrc/attention (``torch.ops.ringkern.decode_attention``); otherwise SDPA with the mask, the G = Hq/Hkv
+    queries' positions [B, T] (whatever the rows hold past a query's position is masked). When
+    ``decode_kernel_supported`` (opt-in), given ``positions``, the split-KV decode kernel of csrc/attention
+    (``torch.ops.ringkern.decode_attention``); otherwise SDPA with the mask, the G = Hq/Hkv
     query heads of a group folded into the query axis so K and V are read once per group (no GQA expansion).
     """
     if positions is not None and decode_kernel_supported(q, k_cache):
@@ -100,9 +102,12 @@ def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
 
 
 def decode_kernel_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether the CUDA decode kernel takes these shapes: bf16, head dim 64/128/256, G * T * D <= 2048."""
+    """Whether the decode step uses the CUDA decode kernel: only when RINGKERN_DECODE_ATTENTION=1 (opt-in:
+    on the H200 it was not faster than SDPA end to end, and slower at batch >= 16; benchmarks/RESULTS.md),
+    and for bf16, head dim 64/128/256 and G * T * D <= 2048."""
     B, Hq, T, D = q.shape
-    return (q.is_cuda and q.dtype == k_cache.dtype == torch.bfloat16 and D in (64, 128, 256)
+    return (os.environ.get("RINGKERN_DECODE_ATTENTION") == "1" and q.is_cuda
+            and q.dtype == k_cache.dtype == torch.bfloat16 and D in (64, 128, 256)
             and (Hq // k_cache.shape[1]) * T * D <= 2048)
 
 
@@ -123,5 +128,5 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return _masked_attention(q, k_cache[:B], v_cache[:B], mask)
 
 
-__all__ = ["cache_attention_mask", "cached_attention", "decode_attention_reference", "decode_kernel_supported", "expert_counts", "grouped_mm_supported", "moe_experts",
-           "moe_experts_gathered", "moe_experts_grouped", "moe_route", "moe_route_sync_free"]
+__all__ = ["cache_attention_mask", "cached_attention", "decode_attention_reference", "decode_kernel_supported",
+           "moe_experts", "moe_experts_gathered"]
