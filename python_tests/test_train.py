@@ -234,6 +234,17 @@ def test_demo_yaml_matches_the_demo_settings():
     assert load_config(REPO / "configs" / "ring_flash_2.0.yaml").model.preset == "ring-flash-2.0"
 
 
+def test_demo_rl_updates_span_many_prompts():
+    """At the demo's size an update over a few prompts fits those prompts and lowers held-out accuracy
+    (docs/demo_rlvr.md): each RL step of the demo makes one update over all of its prompts' rollouts."""
+    from ringkern.train.demo import demo_config
+
+    cfg = demo_config()
+    for grpo in (cfg.rlvr, cfg.rlhf.grpo):
+        assert grpo.prompts_per_step >= 64
+        assert grpo.minibatch_size >= grpo.prompts_per_step * grpo.group_size
+
+
 # ----------------------------------------------------------------------------- smoke runs
 def _smoke_config(out_dir) -> TrainConfig:
     grpo = {"steps": 2, "prompts_per_step": 2, "group_size": 4, "max_new_tokens": 6, "minibatch_size": 4,
