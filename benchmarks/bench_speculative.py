@@ -2,7 +2,8 @@
 
 (a) The model: the demo's tiny-preset model (configs/demo.yaml: the ``tiny`` preset shrunk, one MTP layer)
     trained with the demo's SFT on worked ``basic_arithmetic`` solutions (``sft_loss`` includes the MTP
-    loss, so the MTP head learns to draft), for --sft-steps steps; or loaded from --model. --save keeps it.
+    loss, so the MTP head learns to draft), for --sft-steps steps; or loaded from --model. --save keeps it
+    with its held-out prompt ids, so a machine without reasoning-gym can run --model on it.
     The draft costs about one MoE layer per step: with the demo's 4 decoder layers that is a third of the
     main model (Ring-flash-2.0: 1 of 33 layers), which caps the d=1 speedup near (1 + acceptance) / 1.4;
     --layers trains a deeper main model to show the regime of the real one.
@@ -37,8 +38,15 @@ from ringkern.train.sft import tokenize_examples, train_sft
 from ringkern.train.stages import setup
 
 
+PROMPTS_FILE = "bench_prompts.json"  # the held-out prompt ids, saved beside a --save'd model
+
+
 def trained_model(args, device: torch.device):
     """(model, tokenizer, held-out prompt ids): the demo's SFT on the demo task, or --model loaded."""
+    if args.model and (Path(args.model) / PROMPTS_FILE).exists():  # saved by --save: no task data needed
+        prompts = json.loads((Path(args.model) / PROMPTS_FILE).read_text())
+        model = RingFlashModel.from_pretrained(args.model, dtype=torch.float32, device=device)
+        return model, None, prompts
     with tempfile.TemporaryDirectory() as out_dir:
         overrides = [f"run.out_dir={out_dir}", f"sft.steps={args.sft_steps}", f"run.device={device.type}",
                      f"run.threads={args.threads}", "run.progress=false"]
@@ -60,6 +68,7 @@ def trained_model(args, device: torch.device):
               f"{last['lm_loss']:.3f}, mtp_loss_1 {last['mtp_loss_1']:.3f}")
         if args.save:
             model.save_pretrained(args.save, tokenizer=s.tokenizer)
+            (Path(args.save) / PROMPTS_FILE).write_text(json.dumps(prompts))
         return model, s.tokenizer, prompts
 
 
