@@ -1,5 +1,6 @@
 """Engine: cached decode, ragged and continuous batching, sampling and its log-probs, routing replay, stops,
 the sync-free inference ops against the references, the generate CLI; CUDA graphs on a GPU."""
+import functools
 import os
 import subprocess
 import sys
@@ -289,13 +290,15 @@ def test_cli_generate_tiny_preset_streams_and_reports_speed():
 # ------------------------------------------------------------------------------ CUDA
 @requires_cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_graph_decode_equals_eager(dtype):
+@pytest.mark.parametrize("speculative_tokens", [0, 2])
+def test_cuda_graph_decode_equals_eager(dtype, speculative_tokens):
     model = make_model("cuda", dtype)
     params = SamplingParams(temperature=0.8, top_k=20, seed=1, max_new_tokens=12, n=2, ignore_eos=True,
                             return_expert_ids=True)
     prompts = PROMPTS + [[1, 2, 3]]  # 10 samples over max_batch 4: continuous batching, buckets 1-4
-    graphed = Engine(model, max_batch=4, max_seq_len=32).generate(prompts, params)
-    eager = Engine(model, max_batch=4, max_seq_len=32, cuda_graphs=False).generate(prompts, params)
+    engine = functools.partial(Engine, model, max_batch=4, max_seq_len=32, speculative_tokens=speculative_tokens)
+    graphed = engine().generate(prompts, params)
+    eager = engine(cuda_graphs=False).generate(prompts, params)
     for g, e in zip(graphed, eager):
         assert g.token_ids == e.token_ids
         torch.testing.assert_close(torch.tensor(g.logprobs), torch.tensor(e.logprobs), atol=1e-5, rtol=0)

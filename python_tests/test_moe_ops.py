@@ -306,6 +306,8 @@ def test_router_logits_cpu_matches_fp32_linear_and_grads():
     out = ops.router_logits(xb, wb)
     assert out.dtype == torch.float32
     torch.testing.assert_close(out, xb.float() @ wb.float().t())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ops.router_logits(xb, wb).dtype == torch.float32
     torch.library.opcheck(torch.ops.ringkern.router_logits.default,
                           (xb.float().requires_grad_(), wb.float().requires_grad_()))
 

@@ -5,12 +5,12 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/util/BFloat16.h>
 
-#include <cublas_v2.h>
-
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
 #include <type_traits>
+
+#include "../common/blas.h"
 
 namespace ringkern::logprob {
 namespace {
@@ -228,32 +228,6 @@ int64_t chunk_rows(int64_t tokens, int64_t ld, int64_t elem_size) {
   max_rows = max_rows / align * align;
   const int64_t n_chunks = ceil_div(tokens, max_rows);
   return std::min(tokens, round_up(ceil_div(tokens, n_chunks), align));
-}
-
-template <typename T>
-constexpr cudaDataType_t cuda_dtype() {
-  return std::is_same_v<T, float> ? CUDA_R_32F : CUDA_R_16BF;
-}
-
-int blas_int(int64_t v, const char* what) {
-  TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "ringkern: GEMM ", what, " = ", v,
-              " exceeds cuBLAS's 32-bit sizes");
-  return static_cast<int>(v);
-}
-
-// C (+)= op(A) @ op(B) in column-major terms on row-major buffers (each call site spells its shapes),
-// fp32 accumulation, on the current stream through ATen's cuBLAS handle. cuBLAS is called directly: the
-// at::cuda::blas templates are not exported from libtorch_cuda.
-template <typename T, typename C>
-void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
-          float beta, C* c, int64_t ldc) {
-  const float alpha = 1.f;
-  const cublasStatus_t status = cublasGemmEx(
-      at::cuda::getCurrentCUDABlasHandle(), ta == 't' ? CUBLAS_OP_T : CUBLAS_OP_N,
-      tb == 't' ? CUBLAS_OP_T : CUBLAS_OP_N, blas_int(m, "m"), blas_int(n, "n"), blas_int(k, "k"), &alpha, a,
-      cuda_dtype<T>(), blas_int(lda, "lda"), b, cuda_dtype<T>(), blas_int(ldb, "ldb"), &beta, c, cuda_dtype<C>(),
-      blas_int(ldc, "ldc"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "ringkern: cublasGemmEx failed with status ", static_cast<int>(status));
 }
 
 // grad_weight [V, H] (+)= D^T [V, rows] @ hidden [rows, H], in fp32 or in the inputs' dtype.

@@ -9,11 +9,11 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cub/block/block_scan.cuh>
-#include <cublas_v2.h>
 #include <torch/library.h>
 
 #include <climits>
 
+#include "../common/blas.h"
 #include "../common/check.h"
 
 namespace ringkern {
@@ -435,9 +435,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cuda(con
   return {counts, offsets, sorted_slot, slot_pos};
 }
 
-// logits [N, E] fp32 = x [N, H] @ weight [E, H]^T with fp32 accumulation. bf16 x and weight: one cuBLAS GEMM
-// reading them as they are and writing fp32 (the same values as the fp32 GEMM of their upcasts, up to the
-// summation order); other dtypes: the fp32 GEMM of the upcasts.
+// logits [N, E] fp32 = x [N, H] @ weight [E, H]^T with fp32 accumulation, one cuBLAS GEMM writing fp32: bf16 x
+// and weight are read as they are (the same values as the fp32 GEMM of their upcasts, up to the summation
+// order); other dtypes are upcast first. No call goes back through the dispatcher, so autocast cannot make
+// the logits bf16.
 at::Tensor router_logits_cuda(const at::Tensor& x, const at::Tensor& weight) {
   check_cuda(x, "x");
   check_same_device(weight, x, "weight");
@@ -445,23 +446,20 @@ at::Tensor router_logits_cuda(const at::Tensor& x, const at::Tensor& weight) {
   RK_CHECK_ARG(weight.dim() == 2 && weight.size(1) == x.size(1), "weight", "expected [E, ", x.size(1), "], got ",
                weight.sizes());
   const c10::cuda::CUDAGuard guard(x.device());
-  if (x.scalar_type() != at::kBFloat16 || weight.scalar_type() != at::kBFloat16) {
-    return at::linear(x.to(at::kFloat), weight.to(at::kFloat));
-  }
-  const auto xc = x.contiguous(), wc = weight.contiguous();
   const int64_t N = x.size(0), H = x.size(1), E = weight.size(0);
   auto logits = at::empty({N, E}, x.options().dtype(at::kFloat));
   if (N == 0 || E == 0) return logits;
   if (H == 0) return logits.zero_();
-  RK_CHECK_ARG(N <= INT_MAX && H <= INT_MAX && E <= INT_MAX, "x", "sizes beyond cuBLAS's 32-bit limits");
-  const float alpha = 1.f, beta = 0.f;
   // column-major: logits^T [E, N] = weight [H, E]^T @ x^T [H, N]
-  const cublasStatus_t status = cublasGemmEx(
-      at::cuda::getCurrentCUDABlasHandle(), CUBLAS_OP_T, CUBLAS_OP_N, static_cast<int>(E), static_cast<int>(N),
-      static_cast<int>(H), &alpha, wc.data_ptr(), CUDA_R_16BF, static_cast<int>(H), xc.data_ptr(), CUDA_R_16BF,
-      static_cast<int>(H), &beta, logits.data_ptr(), CUDA_R_32F, static_cast<int>(E), CUBLAS_COMPUTE_32F,
-      CUBLAS_GEMM_DEFAULT);
-  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "ringkern: cublasGemmEx failed with status ", static_cast<int>(status));
+  if (x.scalar_type() == at::kBFloat16 && weight.scalar_type() == at::kBFloat16) {
+    const auto xc = x.contiguous(), wc = weight.contiguous();
+    gemm<c10::BFloat16, float>('t', 'n', E, N, H, wc.data_ptr<c10::BFloat16>(), H, xc.data_ptr<c10::BFloat16>(), H,
+                               0.f, logits.data_ptr<float>(), E);
+  } else {
+    const auto xf = x.to(at::kFloat).contiguous(), wf = weight.to(at::kFloat).contiguous();
+    gemm<float, float>('t', 'n', E, N, H, wf.data_ptr<float>(), H, xf.data_ptr<float>(), H, 0.f,
+                       logits.data_ptr<float>(), E);
+  }
   return logits;
 }
 

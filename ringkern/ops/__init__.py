@@ -24,6 +24,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.ops.ringkern.rms_norm(x.contiguous(), weight, eps)
 
 
+def _gemm_dtype(activations: torch.Tensor) -> torch.dtype:
+    """The dtype a GEMM of these activations runs in: autocast's when it is on (the trainer keeps fp32 master
+    weights), else the activations'."""
+    device_type = activations.device.type
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else activations.dtype
+
+
 def mtp_input(embeds: torch.Tensor, hidden: torch.Tensor, enorm_weight: torch.Tensor,
               hnorm_weight: torch.Tensor, eh_weight: torch.Tensor, eps: float) -> torch.Tensor:
     """The MTP layer's input eh_proj(cat[enorm(embeds), hnorm(hidden)]) (contract: :func:`reference.mtp_input`).
@@ -32,10 +39,9 @@ def mtp_input(embeds: torch.Tensor, hidden: torch.Tensor, enorm_weight: torch.Te
     On CUDA the norms write straight into the halves of the GEMM operand (no concatenation, no separate
     normed copies). Under autocast the GEMM operands run in autocast's dtype (the norm weights may stay fp32).
     """
-    device_type = embeds.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else embeds.dtype
+    dtype = _gemm_dtype(embeds)
     H = embeds.shape[-1]
-    with torch.autocast(device_type, enabled=False):
+    with torch.autocast(embeds.device.type, enabled=False):
         out, _ = torch.ops.ringkern.mtp_input(embeds.to(dtype).reshape(-1, H).contiguous(),
                                               hidden.to(dtype).reshape(-1, H).contiguous(), enorm_weight.contiguous(),
                                               hnorm_weight.contiguous(), eh_weight.to(dtype).contiguous(), float(eps))
@@ -46,10 +52,10 @@ def router_logits(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """fp32 router logits x [N, H] @ weight [E, H]^T, as the published gate computes them (fp32 math).
 
     On CUDA with bf16 x and weight: one cuBLAS GEMM reading bf16 and writing fp32 (no fp32 copies; the values
-    are those of the upcast inputs); otherwise the fp32 GEMM of the upcasts. Differentiable in both.
+    are those of the upcast inputs); otherwise the fp32 GEMM of the upcasts. fp32 under autocast too.
+    Differentiable in both.
     """
-    with torch.autocast(x.device.type, enabled=False):  # fp32 logits under autocast too (the kernel's fallback
-        return torch.ops.ringkern.router_logits(x, weight)  # calls at::linear, which autocast would make bf16)
+    return torch.ops.ringkern.router_logits(x, weight)
 
 
 def moe_route(router_logits: torch.Tensor, expert_bias: torch.Tensor, *, n_group: int, topk_group: int,
@@ -95,10 +101,8 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
 
 
 def _gemm_operands(hidden: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """hidden and weight in the dtype their product runs in: autocast's when it is on (as for
-    hidden @ weight.T; the trainer keeps fp32 master weights), else hidden's. The casts are differentiable."""
-    device_type = hidden.device.type
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    """hidden and weight in the dtype their product runs in (:func:`_gemm_dtype`). The casts are differentiable."""
+    dtype = _gemm_dtype(hidden)
     return hidden.to(dtype), weight.to(dtype)
 
 

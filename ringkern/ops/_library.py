@@ -102,7 +102,8 @@ _register_decode_attention()
 
 def _register_router_logits() -> None:
     def router_logits_cpu(x, weight):
-        return torch.nn.functional.linear(x.float(), weight.float())
+        with torch.autocast("cpu", enabled=False):  # fp32 logits whatever autocast says
+            return torch.nn.functional.linear(x.float(), weight.float())
 
     torch.library.register_kernel("ringkern::router_logits", "cpu", router_logits_cpu)
 
