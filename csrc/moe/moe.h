@@ -29,6 +29,13 @@ at::Tensor moe_route_backward_cuda(const at::Tensor& grad_weights, const at::Ten
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cuda(const at::Tensor& expert_ids,
                                                                             int64_t num_experts);
 
+// The same dispatch plus the touched experts: active [E + 1] int32 holds the experts with tokens in
+// increasing order, then (at index E) their number.
+struct Dispatch {
+  at::Tensor counts, offsets, sorted_slot, slot_pos, active;
+};
+Dispatch dispatch_slots(const at::Tensor& expert_ids, int64_t num_experts);
+
 // Routed SwiGLU experts, forward: (y [T, H], gate_up_out [S, 2I] (pre-activation, sorted order, kept
 // for the backward), sorted_slot, slot_pos, offsets). bf16; deterministic; no host sync.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_forward_cuda(

@@ -1,7 +1,7 @@
 // Routed SwiGLU experts on the device without host syncs: dispatch (moe_route.cu), a row gather into
 // expert order, torch._grouped_mm for the two grouped GEMMs (device offsets, static shapes), a fused
 // SwiGLU, and a fixed-order weighted gather-reduce back to token order (deterministic: no atomics).
-// Very few slots (T = 1 decode): two weight-streaming kernels replace gather + GEMM + SwiGLU + GEMM (below);
+// Few slots (decode): two weight-streaming tensor-core kernels replace gather + GEMM + SwiGLU + GEMM (below);
 // the path is chosen from static shapes only, so either path is graph-capturable.
 //
 // Backward (what is stored vs recomputed):
@@ -181,199 +181,262 @@ void zero_empty_groups(at::Tensor& grouped, const at::Tensor& offsets, cudaStrea
 }
 
 // ------------------------------------------------------------------------------------ few tokens per expert
-// Decode-sized batches put a handful of rows on each expert, so the GEMMs are weight-bandwidth bound:
-// these kernels stream each touched expert's weights once (16-byte loads, several in flight per lane) and
-// apply them to the expert's rows, up to kSmallRows at a time, staged in shared memory. Block (n-tile, p)
-// works when sorted slot p is the first of its expert's run and exits at once otherwise. The first fuses the row gather and the SwiGLU; the second writes Y_sorted.
+// Decode-sized batches put a handful of rows on each expert, so both GEMMs are bound by reading the touched
+// experts' weights. These kernels read each touched expert's weights once, with 16-byte streaming loads
+// (16 in flight per lane), and multiply on the tensor cores with the weights as the wide operand:
+// mma.sync m16n8k16 with A = 16 weight rows (output columns) x 16 k and B = 16 k x 8 of the expert's rows.
+// Inside every 32-wide k chunk both operands use the same permutation of k, chosen so that each lane's
+// fragments are one 16-byte load per row (a dot product does not depend on the order of its terms).
+// Grid: (16-column tiles, min(S, E)); block y takes the y-th touched expert of the dispatch's compact list
+// and exits when there are fewer. Its warps split K and add their partial sums through shared memory in a
+// fixed order (deterministic). The first kernel fuses the row gather and the SwiGLU, the second writes
+// Y_sorted for the combine.
 
-constexpr int kSmallRows = 8;    // rows per pass over the weights
-constexpr int kSmallCols = 32;   // output columns per block (4 per warp)
-constexpr int kSmallThreads = 256;
-constexpr int kSmallUnroll = 4;  // 16-byte weight loads in flight per lane and weight row
+constexpr int kMmaWarps = 4;   // K is split across the warps of a block
+constexpr int kMmaUnroll = 4;  // 32-wide k chunks loaded ahead
+constexpr int kMmaRows = 16;   // output columns per block (the mma's M)
 
-__device__ __forceinline__ float dot8(const Vec8& w, const Vec8& x) {
-  float s = 0.f;
-#pragma unroll
-  for (int i = 0; i < kVec; ++i) s += __bfloat162float(w.v[i]) * __bfloat162float(x.v[i]);
-  return s;
+__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
+                                         uint32_t b0, uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+// acc[a][t] += W_a [16 rows, ld ldw] x rows_t^T over k in [k_begin, k_end) (a multiple of 32 long), for kA
+// weight tiles and kNT n-tiles of 8 rows (row pointers per lane: n-tile t's row lane / 4). Accumulator
+// layout of the mma: acc[a][t][2h + q] is weight row lane / 4 + 8h, row 8t + 2 (lane % 4) + q.
+// 16-byte loads as volatile asm, like the mma: the compiler keeps them in program order, so all of a
+// round's loads are issued before its first mma waits on one (otherwise it interleaves them).
+__device__ __forceinline__ uint4 load_streaming(const bf16* p) {  // read once: evict first
+  uint4 v;
+  asm volatile("ld.global.cs.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
   return v;
 }
 
-// The expert rows of sorted slot p when p starts its expert's run in the sorted order (else the block has
-// nothing to do): the grids run over slots, not experts, so at T = 1 no block waits on the 248 idle experts.
-__device__ __forceinline__ bool expert_run(const int32_t* sorted_slot, const int32_t* expert_ids,
-                                          const int32_t* offsets, int p, int& e, int& end) {
-  e = expert_ids[sorted_slot[p]];
-  if (p > 0 && expert_ids[sorted_slot[p - 1]] == e) return false;
+__device__ __forceinline__ uint4 load_cached(const bf16* p) {  // read-only rows shared by many blocks
+  uint4 v;
+  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
+  return v;
+}
+
+template <int kU, int kA, int kNT>
+__device__ __forceinline__ void mma_chunks(const bf16* const (&w)[kA], int64_t ldw, const bf16* const (&rows)[kNT],
+                                           int k0, float (&acc)[kA][kNT][4]) {
+  const int lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
+  uint4 wa[kU][kA][2], xb[kU][kNT];
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {  // every load first: 16-byte loads in flight
+    const int k = k0 + 32 * u + 8 * c;
+#pragma unroll
+    for (int a = 0; a < kA; ++a) {
+#pragma unroll
+      for (int h = 0; h < 2; ++h) wa[u][a][h] = load_streaming(w[a] + (g + 8 * h) * ldw + k);
+    }
+#pragma unroll
+    for (int t = 0; t < kNT; ++t) xb[u][t] = load_cached(rows[t] + k);
+  }
+#pragma unroll
+  for (int u = 0; u < kU; ++u) {
+#pragma unroll
+    for (int a = 0; a < kA; ++a) {
+#pragma unroll
+      for (int t = 0; t < kNT; ++t) {
+        const uint4 &lo = wa[u][a][0], &hi = wa[u][a][1], &x = xb[u][t];
+        mma_bf16(acc[a][t], lo.x, hi.x, lo.y, hi.y, x.x, x.y);
+        mma_bf16(acc[a][t], lo.z, hi.z, lo.w, hi.w, x.z, x.w);
+      }
+    }
+  }
+}
+
+template <int kA, int kNT>
+__device__ __forceinline__ void stream_mma(const bf16* const (&w)[kA], int64_t ldw, const bf16* const (&rows)[kNT],
+                                           int k_begin, int k_end, float (&acc)[kA][kNT][4]) {
+  int k0 = k_begin;
+  for (; k0 + 32 * kMmaUnroll <= k_end; k0 += 32 * kMmaUnroll) mma_chunks<kMmaUnroll>(w, ldw, rows, k0, acc);
+  for (; k0 < k_end; k0 += 32) mma_chunks<1>(w, ldw, rows, k0, acc);
+}
+
+// Adds the partial sums of warps 1.. into warp 0's (in warp order). red: (kMmaWarps - 1) * kN * 32 floats.
+template <int kN>
+__device__ __forceinline__ void reduce_warps(float* acc, float* red) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  __syncthreads();  // warp 0 is done with the previous pass's partial sums
+  if (warp > 0) {
+#pragma unroll
+    for (int i = 0; i < kN; ++i) red[((warp - 1) * kN + i) * 32 + lane] = acc[i];
+  }
+  __syncthreads();
+  if (warp == 0) {
+    for (int w = 0; w < kMmaWarps - 1; ++w) {
+#pragma unroll
+      for (int i = 0; i < kN; ++i) acc[i] += red[(w * kN + i) * 32 + lane];
+    }
+  }
+}
+
+// The expert of block y and its rows [begin, end) in sorted order; false when fewer experts are touched.
+__device__ __forceinline__ bool touched_expert(const int32_t* active, const int32_t* offsets, int E, int& e,
+                                               int& begin, int& end) {
+  if (static_cast<int>(blockIdx.y) >= active[E]) return false;
+  e = active[blockIdx.y];
+  begin = e == 0 ? 0 : offsets[e - 1];
   end = offsets[e];
   return true;
 }
 
-// grid (I / kSmallCols, S). gate_up_out[p, n] and [p, I + n] (pre-activation), act[p, n] = silu(gate) * up.
-// K = H, a multiple of kVec.
-__global__ void __launch_bounds__(kSmallThreads)
+// One pass over the gate and up rows j0.. j0+15 of expert e for sorted rows [r0, min(r0 + 8 kNT, end)).
+template <int kNT>
+__device__ void gate_up_pass(const bf16* x, const int32_t* sorted_slot, const bf16* w_e, bf16* gate_up_out,
+                             bf16* act, float* red, int r0, int end, int k, int H, int I, int j0) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
+  const bf16* w[2] = {w_e + static_cast<int64_t>(j0) * H, w_e + static_cast<int64_t>(I + j0) * H};
+  const bf16* rows[kNT];
+#pragma unroll
+  for (int t = 0; t < kNT; ++t) {
+    const int r = min(r0 + 8 * t + g, end - 1);  // past the end: any valid row, its column is not stored
+    rows[t] = x + static_cast<int64_t>(sorted_slot[r] / k) * H;
+  }
+  float acc[2][kNT][4] = {};
+  const int kw = H / kMmaWarps;
+  stream_mma<2, kNT>(w, H, rows, warp * kw, (warp + 1) * kw, acc);
+  reduce_warps<2 * kNT * 4>(&acc[0][0][0], red);
+  if (warp != 0) return;
+#pragma unroll
+  for (int t = 0; t < kNT; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t p = r0 + 8 * t + 2 * c + (i & 1);
+      const int j = j0 + g + 8 * (i >> 1);
+      if (p < end) {
+        // Same rounding as the grouped path: the activation is taken from the bf16 pre-activation.
+        const bf16 gb = __float2bfloat16(acc[0][t][i]), ub = __float2bfloat16(acc[1][t][i]);
+        gate_up_out[p * 2 * I + j] = gb;
+        gate_up_out[p * 2 * I + I + j] = ub;
+        const float gf = __bfloat162float(gb);
+        act[p * I + j] = __float2bfloat16(gf * sigmoidf(gf) * __bfloat162float(ub));
+      }
+    }
+  }
+}
+
+// grid (I / 16, min(S, E)). gate_up_out[p, j] and [p, I + j] (pre-activation), act[p, j] = silu(gate) * up.
+template <int kMaxNT>
+__global__ void __launch_bounds__(kMmaWarps * 32)
 small_gate_up_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ sorted_slot,
-                     const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ offsets,
-                     const bf16* __restrict__ w_gu, bf16* __restrict__ gate_up_out, bf16* __restrict__ act, int k, int H,
-                     int I) {
-  extern __shared__ __align__(16) unsigned char small_smem[];
-  bf16* xs = reinterpret_cast<bf16*>(small_smem);                                      // [kSmallRows][H]
-  float* out_sh = reinterpret_cast<float*>(small_smem + sizeof(bf16) * kSmallRows * H);  // [2][kSmallRows][cols]
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, begin = blockIdx.y;
-  int e, end;
-  if (!expert_run(sorted_slot, expert_ids, offsets, begin, e, end)) return;
-  const int n0 = blockIdx.x * kSmallCols;
+                     const int32_t* __restrict__ offsets, const int32_t* __restrict__ active,
+                     const bf16* __restrict__ w_gu, bf16* __restrict__ gate_up_out, bf16* __restrict__ act, int E,
+                     int k, int H, int I) {
+  __shared__ float red[(kMmaWarps - 1) * 2 * kMaxNT * 4 * 32];
+  int e, begin, end;
+  if (!touched_expert(active, offsets, E, e, begin, end)) return;
   const bf16* w_e = w_gu + static_cast<int64_t>(e) * 2 * I * H;
-  for (int r0 = begin; r0 < end; r0 += kSmallRows) {
-    const int rows = min(kSmallRows, end - r0);
-    __syncthreads();  // previous pass done with xs and out_sh
-    for (int i = threadIdx.x; i < rows * (H / kVec); i += blockDim.x) {
-      const int r = i / (H / kVec), v = i % (H / kVec);
-      const int64_t t = sorted_slot[r0 + r] / k;
-      reinterpret_cast<Vec8*>(xs + r * H)[v] = reinterpret_cast<const Vec8*>(x + t * H)[v];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int c = 0; c < kSmallCols / 8; ++c) {
-      const int col = warp * (kSmallCols / 8) + c;
-      const Vec8* wg = reinterpret_cast<const Vec8*>(w_e + static_cast<int64_t>(n0 + col) * H);
-      const Vec8* wu = reinterpret_cast<const Vec8*>(w_e + static_cast<int64_t>(I + n0 + col) * H);
-      float acc_g[kSmallRows] = {}, acc_u[kSmallRows] = {};
-      for (int v0 = lane; v0 < H / kVec; v0 += 32 * kSmallUnroll) {
-        Vec8 g[kSmallUnroll], u[kSmallUnroll];
-#pragma unroll
-        for (int q = 0; q < kSmallUnroll; ++q) {
-          if (v0 + 32 * q < H / kVec) {
-            g[q] = wg[v0 + 32 * q];
-            u[q] = wu[v0 + 32 * q];
-          }
-        }
-#pragma unroll
-        for (int r = 0; r < kSmallRows; ++r) {
-          if (r < rows) {
-#pragma unroll
-            for (int q = 0; q < kSmallUnroll; ++q) {
-              if (v0 + 32 * q < H / kVec) {
-                const Vec8 xv = reinterpret_cast<const Vec8*>(xs + r * H)[v0 + 32 * q];
-                acc_g[r] += dot8(g[q], xv);
-                acc_u[r] += dot8(u[q], xv);
-              }
-            }
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < kSmallRows; ++r) {
-        if (r < rows) {
-          const float sg = warp_sum(acc_g[r]), su = warp_sum(acc_u[r]);
-          if (lane == 0) {
-            out_sh[r * kSmallCols + col] = sg;
-            out_sh[(kSmallRows + r) * kSmallCols + col] = su;
-          }
-        }
-      }
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < rows * kSmallCols; i += blockDim.x) {
-      const int r = i / kSmallCols, col = i % kSmallCols;
-      const float g = out_sh[r * kSmallCols + col], u = out_sh[(kSmallRows + r) * kSmallCols + col];
-      const int64_t p = r0 + r;
-      gate_up_out[p * 2 * I + n0 + col] = __float2bfloat16(g);
-      gate_up_out[p * 2 * I + I + n0 + col] = __float2bfloat16(u);
-      // Same rounding as the grouped path: the activation is taken from the bf16 pre-activation.
-      const float gb = __bfloat162float(__float2bfloat16(g)), ub = __bfloat162float(__float2bfloat16(u));
-      act[p * I + n0 + col] = __float2bfloat16(gb * sigmoidf(gb) * ub);
+  const int j0 = blockIdx.x * kMmaRows;
+  for (int r0 = begin; r0 < end;) {
+    const int rows = end - r0;
+    if (kMaxNT >= 4 && rows > 16) {
+      gate_up_pass<4>(x, sorted_slot, w_e, gate_up_out, act, red, r0, end, k, H, I, j0);
+      r0 += 32;
+    } else if (kMaxNT >= 2 && rows > 8) {
+      gate_up_pass<2>(x, sorted_slot, w_e, gate_up_out, act, red, r0, end, k, H, I, j0);
+      r0 += 16;
+    } else {
+      gate_up_pass<1>(x, sorted_slot, w_e, gate_up_out, act, red, r0, end, k, H, I, j0);
+      r0 += 8;
     }
   }
 }
 
-// grid (H / kSmallCols, S). y_sorted[p, h] = act[p, :] . w_down[e, h, :]; K = I, a multiple of kVec.
-__global__ void __launch_bounds__(kSmallThreads)
-small_down_kernel(const bf16* __restrict__ act, const int32_t* __restrict__ sorted_slot,
-                  const int32_t* __restrict__ expert_ids, const int32_t* __restrict__ offsets,
-                  const bf16* __restrict__ w_down, bf16* __restrict__ y_sorted, int H, int I) {
-  extern __shared__ __align__(16) unsigned char small_smem[];
-  bf16* as = reinterpret_cast<bf16*>(small_smem);                                      // [kSmallRows][I]
-  float* out_sh = reinterpret_cast<float*>(small_smem + sizeof(bf16) * kSmallRows * I);  // [kSmallRows][cols]
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32, begin = blockIdx.y;
-  int e, end;
-  if (!expert_run(sorted_slot, expert_ids, offsets, begin, e, end)) return;
-  const int h0 = blockIdx.x * kSmallCols;
+// One pass over the down rows h0.. h0+15 of expert e for sorted rows [r0, min(r0 + 8 kNT, end)).
+template <int kNT>
+__device__ void down_pass(const bf16* act, const bf16* w_e, bf16* y_sorted, float* red, int r0, int end, int H,
+                          int I, int h0) {
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
+  const bf16* w[1] = {w_e + static_cast<int64_t>(h0) * I};
+  const bf16* rows[kNT];
+#pragma unroll
+  for (int t = 0; t < kNT; ++t) rows[t] = act + static_cast<int64_t>(min(r0 + 8 * t + g, end - 1)) * I;
+  float acc[1][kNT][4] = {};
+  const int kw = I / kMmaWarps;
+  stream_mma<1, kNT>(w, I, rows, warp * kw, (warp + 1) * kw, acc);
+  reduce_warps<kNT * 4>(&acc[0][0][0], red);
+  if (warp != 0) return;
+#pragma unroll
+  for (int t = 0; t < kNT; ++t) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const int64_t p = r0 + 8 * t + 2 * c + (i & 1);
+      if (p < end) y_sorted[p * H + h0 + g + 8 * (i >> 1)] = __float2bfloat16(acc[0][t][i]);
+    }
+  }
+}
+
+// grid (H / 16, min(S, E)). y_sorted[p, h] = act[p, :] . w_down[e, h, :].
+template <int kMaxNT>
+__global__ void __launch_bounds__(kMmaWarps * 32)
+small_down_kernel(const bf16* __restrict__ act, const int32_t* __restrict__ offsets,
+                  const int32_t* __restrict__ active, const bf16* __restrict__ w_down, bf16* __restrict__ y_sorted,
+                  int E, int H, int I) {
+  __shared__ float red[(kMmaWarps - 1) * kMaxNT * 4 * 32];
+  int e, begin, end;
+  if (!touched_expert(active, offsets, E, e, begin, end)) return;
   const bf16* w_e = w_down + static_cast<int64_t>(e) * H * I;
-  for (int r0 = begin; r0 < end; r0 += kSmallRows) {
-    const int rows = min(kSmallRows, end - r0);
-    __syncthreads();
-    for (int i = threadIdx.x; i < rows * (I / kVec); i += blockDim.x) {
-      reinterpret_cast<Vec8*>(as)[i] = reinterpret_cast<const Vec8*>(act + static_cast<int64_t>(r0) * I)[i];
-    }
-    __syncthreads();
-#pragma unroll
-    for (int c = 0; c < kSmallCols / 8; ++c) {
-      const int col = warp * (kSmallCols / 8) + c;
-      const Vec8* wd = reinterpret_cast<const Vec8*>(w_e + static_cast<int64_t>(h0 + col) * I);
-      float acc[kSmallRows] = {};
-      for (int v0 = lane; v0 < I / kVec; v0 += 32 * kSmallUnroll) {
-        Vec8 w[kSmallUnroll];
-#pragma unroll
-        for (int q = 0; q < kSmallUnroll; ++q) {
-          if (v0 + 32 * q < I / kVec) w[q] = wd[v0 + 32 * q];
-        }
-#pragma unroll
-        for (int r = 0; r < kSmallRows; ++r) {
-          if (r < rows) {
-#pragma unroll
-            for (int q = 0; q < kSmallUnroll; ++q) {
-              if (v0 + 32 * q < I / kVec) acc[r] += dot8(w[q], reinterpret_cast<const Vec8*>(as + r * I)[v0 + 32 * q]);
-            }
-          }
-        }
-      }
-#pragma unroll
-      for (int r = 0; r < kSmallRows; ++r) {
-        if (r < rows) {
-          const float sum = warp_sum(acc[r]);
-          if (lane == 0) out_sh[r * kSmallCols + col] = sum;
-        }
-      }
-    }
-    __syncthreads();
-    for (int i = threadIdx.x; i < rows * kSmallCols; i += blockDim.x) {
-      const int r = i / kSmallCols, col = i % kSmallCols;
-      y_sorted[static_cast<int64_t>(r0 + r) * H + h0 + col] = __float2bfloat16(out_sh[r * kSmallCols + col]);
+  const int h0 = blockIdx.x * kMmaRows;
+  for (int r0 = begin; r0 < end;) {
+    const int rows = end - r0;
+    if (kMaxNT >= 4 && rows > 16) {
+      down_pass<4>(act, w_e, y_sorted, red, r0, end, H, I, h0);
+      r0 += 32;
+    } else if (kMaxNT >= 2 && rows > 8) {
+      down_pass<2>(act, w_e, y_sorted, red, r0, end, H, I, h0);
+      r0 += 16;
+    } else {
+      down_pass<1>(act, w_e, y_sorted, red, r0, end, H, I, h0);
+      r0 += 8;
     }
   }
 }
 
-// Raises a kernel's dynamic shared-memory limit once per device and size (outside any graph capture
-// that follows the first call, as with every other setup call here).
-template <typename Kernel>
-void allow_dynamic_smem(Kernel kernel, size_t bytes) {
-  static std::mutex mutex;
-  static std::map<std::pair<int, const void*>, size_t> raised;
-  const int device = c10::cuda::current_device();
-  const std::lock_guard<std::mutex> lock(mutex);
-  size_t& current = raised[{device, reinterpret_cast<const void*>(kernel)}];
-  if (bytes > 48 * 1024 && bytes > current) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)));
-    current = bytes;
-  }
-}
-
-// Whether the few-rows kernels take this problem: at most RINGKERN_MOE_SMALL_SLOTS token slots and sizes
-// they tile. Default 128 slots (T <= 16 at top-8): measured on an H200 at Ring-flash shapes (whole routed
-// path, router included), few-rows vs torch._grouped_mm path: T=1 0.247 vs 0.289 ms, T=4 0.485 vs 0.546,
-// T=8 0.733 vs 0.814, T=16 1.154 vs 1.207, T=64 2.882 vs 2.140. 0 turns them off.
+// Whether the few-rows kernels take this problem: at most RINGKERN_MOE_SMALL_SLOTS token slots (0 turns
+// them off) and sizes they tile (K of both GEMMs split into 32-wide chunks per warp, 16-row output tiles).
+// Default 2048 slots (T <= 256 at top-8): measured on an H200 at Ring-flash shapes (whole routed path,
+// router included), few-rows vs torch._grouped_mm path: T=1 0.211 vs 0.278 ms, T=16 0.884 vs 1.212,
+// T=64 1.579 vs 2.105, T=128 1.746 vs 2.266, T=256 1.920 vs 2.319.
 bool use_small_kernels(int64_t S, int64_t H, int64_t I) {
-  static const int64_t fallback = 128;
+  static const int64_t fallback = 2048;
   const char* env = std::getenv("RINGKERN_MOE_SMALL_SLOTS");
   const int64_t max_slots = env ? std::atoll(env) : fallback;
-  const size_t smem = sizeof(bf16) * kSmallRows * H + sizeof(float) * 2 * kSmallRows * kSmallCols;
-  return S <= max_slots && I % kSmallCols == 0 && H % kSmallCols == 0 && smem <= 200 * 1024;
+  const int64_t k_align = 32 * kMmaWarps;
+  return S <= max_slots && H % k_align == 0 && I % k_align == 0 && H % kMmaRows == 0 && I % kMmaRows == 0;
+}
+
+// Launches the few-rows kernels: act [S, I] and y_sorted [S, H] from x; rows per expert <= T, so T picks
+// how many n-tiles a pass may take.
+void run_small_kernels(const at::Tensor& x, const Dispatch& d, const at::Tensor& gate_up_proj,
+                       const at::Tensor& down_proj, int64_t k, at::Tensor& gate_up_out, at::Tensor& act,
+                       at::Tensor& y_sorted, cudaStream_t stream) {
+  const int64_t T = x.size(0), H = x.size(1), E = gate_up_proj.size(0), I = gate_up_proj.size(1) / 2;
+  const dim3 block(kMmaWarps * 32);
+  const unsigned experts = static_cast<unsigned>(std::min(T * k, E));
+  auto launch = [&](auto gate_up_kernel, auto down_kernel) {
+    gate_up_kernel<<<dim3(I / kMmaRows, experts), block, 0, stream>>>(
+        reinterpret_cast<const bf16*>(x.data_ptr()), d.sorted_slot.data_ptr<int32_t>(), d.offsets.data_ptr<int32_t>(),
+        d.active.data_ptr<int32_t>(), reinterpret_cast<const bf16*>(gate_up_proj.data_ptr()),
+        reinterpret_cast<bf16*>(gate_up_out.data_ptr()), reinterpret_cast<bf16*>(act.data_ptr()),
+        static_cast<int>(E), static_cast<int>(k), static_cast<int>(H), static_cast<int>(I));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    down_kernel<<<dim3(H / kMmaRows, experts), block, 0, stream>>>(
+        reinterpret_cast<const bf16*>(act.data_ptr()), d.offsets.data_ptr<int32_t>(), d.active.data_ptr<int32_t>(),
+        reinterpret_cast<const bf16*>(down_proj.data_ptr()), reinterpret_cast<bf16*>(y_sorted.data_ptr()),
+        static_cast<int>(E), static_cast<int>(H), static_cast<int>(I));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  };
+  if (T <= 8) launch(small_gate_up_kernel<1>, small_down_kernel<1>);
+  else if (T <= 16) launch(small_gate_up_kernel<2>, small_down_kernel<2>);
+  else launch(small_gate_up_kernel<4>, small_down_kernel<4>);
 }
 
 void check_experts_inputs(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& gate_up_proj,
@@ -449,29 +512,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t T = x.size(0), k = weights.size(1), E = gate_up_proj.size(0), I = gate_up_proj.size(1) / 2;
   const int64_t S = T * k;
-  auto [counts, offsets, sorted_slot, slot_pos] = moe_dispatch_cuda(expert_ids.contiguous(), E);
+  const Dispatch d = dispatch_slots(expert_ids.contiguous(), E);
+  const auto &sorted_slot = d.sorted_slot, &slot_pos = d.slot_pos, &offsets = d.offsets;
   if (S > 0 && use_small_kernels(S, x.size(1), I)) {
-    const int64_t H = x.size(1);
     auto gate_up_out = at::empty({S, 2 * I}, x.options());  // [S, 2I]
     auto act = at::empty({S, I}, x.options());              // [S, I]
-    auto y_sorted = at::empty({S, H}, x.options());         // [S, H]
-    const size_t smem_a = sizeof(bf16) * kSmallRows * H + sizeof(float) * 2 * kSmallRows * kSmallCols;
-    const size_t smem_b = sizeof(bf16) * kSmallRows * I + sizeof(float) * kSmallRows * kSmallCols;
-    allow_dynamic_smem(small_gate_up_kernel, smem_a);
-    allow_dynamic_smem(small_down_kernel, smem_b);
-    const auto ids = expert_ids.to(at::kInt).contiguous();
-    small_gate_up_kernel<<<dim3(I / kSmallCols, S), kSmallThreads, smem_a, stream>>>(
-        reinterpret_cast<const bf16*>(x.data_ptr()), sorted_slot.data_ptr<int32_t>(), ids.data_ptr<int32_t>(),
-        offsets.data_ptr<int32_t>(),
-        reinterpret_cast<const bf16*>(gate_up_proj.data_ptr()), reinterpret_cast<bf16*>(gate_up_out.data_ptr()),
-        reinterpret_cast<bf16*>(act.data_ptr()), static_cast<int>(k), static_cast<int>(H), static_cast<int>(I));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    small_down_kernel<<<dim3(H / kSmallCols, S), kSmallThreads, smem_b, stream>>>(
-        reinterpret_cast<const bf16*>(act.data_ptr()), sorted_slot.data_ptr<int32_t>(), ids.data_ptr<int32_t>(),
-        offsets.data_ptr<int32_t>(),
-        reinterpret_cast<const bf16*>(down_proj.data_ptr()), reinterpret_cast<bf16*>(y_sorted.data_ptr()),
-        static_cast<int>(H), static_cast<int>(I));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    auto y_sorted = at::empty({S, x.size(1)}, x.options()); // [S, H]
+    run_small_kernels(x, d, gate_up_proj, down_proj, k, gate_up_out, act, y_sorted, stream);
     auto y = combine(y_sorted, weights.data_ptr<float>(), slot_pos, T, k, nullptr, nullptr, stream);
     return {y, gate_up_out, sorted_slot, slot_pos, offsets};
   }

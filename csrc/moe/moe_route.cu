@@ -248,13 +248,20 @@ __global__ void dispatch_chunk_scan_kernel(int32_t* __restrict__ hist, int32_t* 
 
 constexpr int kOffsetThreads = 1024;  // E <= 1024
 
-__global__ void dispatch_offsets_kernel(const int32_t* __restrict__ counts, int32_t* __restrict__ offsets, int E) {
+// offsets = inclusive scan of counts; active = the experts with tokens, compacted in order, then their number.
+__global__ void dispatch_offsets_kernel(const int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
+                                        int32_t* __restrict__ active, int E) {
   using Scan = cub::BlockScan<int, kOffsetThreads>;
   __shared__ typename Scan::TempStorage tmp;
   const int e = threadIdx.x;
-  int v = e < E ? counts[e] : 0;
-  Scan(tmp).InclusiveSum(v, v);
-  if (e < E) offsets[e] = v;
+  const int count = e < E ? counts[e] : 0;
+  int end, rank, touched;
+  Scan(tmp).InclusiveSum(count, end);
+  if (e < E) offsets[e] = end;
+  __syncthreads();  // the scan storage is reused
+  Scan(tmp).ExclusiveSum(count > 0 ? 1 : 0, rank, touched);
+  if (count > 0) active[rank] = e;
+  if (e == 0) active[E] = touched;
 }
 
 template <typename id_t>
@@ -390,8 +397,7 @@ at::Tensor moe_route_backward_cuda(const at::Tensor& grad_weights, const at::Ten
   return grad_logits;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cuda(const at::Tensor& expert_ids,
-                                                                            int64_t num_experts) {
+Dispatch dispatch_slots(const at::Tensor& expert_ids, int64_t num_experts) {
   check_cuda(expert_ids, "expert_ids");
   check_contiguous(expert_ids, "expert_ids");
   check_dtype(expert_ids, "expert_ids", {at::kInt, at::kLong});
@@ -407,7 +413,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cuda(con
   auto offsets = at::zeros({E}, opts);
   auto sorted_slot = at::empty({S}, opts);
   auto slot_pos = at::empty({S}, opts);
-  if (S == 0) return {counts, offsets, sorted_slot, slot_pos};
+  if (S == 0) return {counts, offsets, sorted_slot, slot_pos, at::zeros({E + 1}, opts)};
+  auto active = at::empty({E + 1}, opts);
   // Chunks of at least 512 slots, and few enough for one scan block per expert.
   const int64_t max_chunks = kScanThreads * kScanItems;
   int64_t chunk = std::max<int64_t>(512, (S + max_chunks - 1) / max_chunks);
@@ -425,14 +432,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cuda(con
                                                                counts.data_ptr<int32_t>(), chunks);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dispatch_offsets_kernel<<<1, kOffsetThreads, 0, stream>>>(counts.data_ptr<int32_t>(),
-                                                              offsets.data_ptr<int32_t>(), E);
+                                                              offsets.data_ptr<int32_t>(), active.data_ptr<int32_t>(), E);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     dispatch_scatter_kernel<<<blocks, kDispatchWarps * 32, smem, stream>>>(
         ids, chunk_base.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
         sorted_slot.data_ptr<int32_t>(), slot_pos.data_ptr<int32_t>(), S, E, static_cast<int>(chunk), chunks);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
-  return {counts, offsets, sorted_slot, slot_pos};
+  return {counts, offsets, sorted_slot, slot_pos, active};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_dispatch_cuda(const at::Tensor& expert_ids,
+                                                                            int64_t num_experts) {
+  Dispatch d = dispatch_slots(expert_ids, num_experts);
+  return {d.counts, d.offsets, d.sorted_slot, d.slot_pos};
 }
 
 // logits [N, E] fp32 = x [N, H] @ weight [E, H]^T with fp32 accumulation, one cuBLAS GEMM writing fp32: bf16 x
