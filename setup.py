@@ -62,6 +62,7 @@ def extension():
     print(f"ringkern: CUDA build for {archs} with {cpp_extension.CUDA_HOME}; CUTLASS headers: {cutlass or 'not found'}")
     include_dirs += ([cutlass] if cutlass else []) + pip_cuda_includes()
     defines = ["-DRINGKERN_WITH_CUDA", f'-DRINGKERN_CUDA_ARCHS="{archs.replace(";", " ")}"']
+    defines += ["-DRINGKERN_WITH_CUTLASS"] if cutlass else []
     nvcc = ["-O3", "--expt-relaxed-constexpr", "-lineinfo", *defines]
     return cpp_extension.CUDAExtension("ringkern._C", sources, include_dirs=include_dirs,
                                        extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc})

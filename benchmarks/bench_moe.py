@@ -47,6 +47,38 @@ def grouped_mm_experts(x, weights, expert_ids, gate_up_proj, down_proj):
     return y.to(x.dtype)
 
 
+def bench_moe_block(tokens: list[int], reps: int) -> list[dict]:
+    """The model's MoEBlock (router, routed experts and the shared expert) with the shared expert on its side
+    stream (forced at every T) vs after the routed path on the same stream: forward (no grad), and
+    forward+backward at T=16384. The model takes the side stream from model.SIDE_STREAM_MIN_TOKENS tokens."""
+    from ringkern import model as model_mod
+    from ringkern.config import RingConfig
+
+    block = model_mod.MoEBlock(RingConfig.from_preset("ring-flash-2.0")).cuda()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    block = block.bfloat16()
+    overlapped, min_tokens = model_mod.side_stream, model_mod.SIDE_STREAM_MIN_TOKENS
+    model_mod.SIDE_STREAM_MIN_TOKENS = 0
+    out = []
+    for T in tokens:
+        x = torch.randn(1, T, H, device="cuda").bfloat16()
+        row = {"T": T}
+        for name, stream_fn in (("side_stream", overlapped), ("sequential", lambda _: None)):
+            model_mod.side_stream = stream_fn
+            with torch.no_grad():
+                row[f"{name}_fwd_ms"] = median_ms(lambda: block(x), reps)
+            if T == 16384:
+                leaf = x.detach().requires_grad_()
+                row[f"{name}_fwd_bwd_ms"] = median_ms(lambda: block(leaf)[0].backward(torch.ones_like(leaf)), reps)
+        model_mod.side_stream = overlapped
+        out.append(row)
+        print("MoE block " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in row.items()),
+              flush=True)
+    model_mod.SIDE_STREAM_MIN_TOKENS = min_tokens
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--tokens", type=int, nargs="+", default=[1, 64, 512, 4096, 16384, 65536])
@@ -147,6 +179,8 @@ def main() -> None:
             results["profile_T16384"] = table
         except Exception as err:  # the profiler is a diagnostic only
             print(f"profiler unavailable: {err}")
+
+    results["moe_block"] = bench_moe_block([t for t in args.tokens if t in (1, 64, 16384)], args.reps)
 
     print("\n| T | ms | TFLOP/s | % 758 | GB/s | % 4.3 TB/s | floor ms | grouped_mm ms | speedup | loop ms "
           "| route us | route ref us |")

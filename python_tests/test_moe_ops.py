@@ -328,3 +328,32 @@ def test_cuda_router_logits_bf16_equal_the_fp32_gemm_of_the_upcasts(N):
         torch.testing.assert_close(gw.float(), (g.t() @ x.float()).bfloat16().float(), rtol=2e-2, atol=1e-2)
     fp32 = ops.router_logits(x.detach().float(), w.detach().float())  # fallback: fp32 GEMM
     torch.testing.assert_close(fp32, x.detach().float() @ w.detach().float().t(), rtol=1e-4, atol=1e-4)
+
+
+@requires_cuda
+def test_cuda_moe_block_shared_expert_stream_matches_sequential(monkeypatch):
+    """The shared expert on its side stream gives the outputs and gradients of the sequential block (within
+    bf16 rounding: cuBLAS may pick other kernels on another stream; a missing join would not be close)."""
+    from ringkern import model as model_mod
+    from ringkern.config import RingConfig
+
+    torch.manual_seed(0)
+    block = model_mod.MoEBlock(RingConfig.from_preset("tiny")).cuda()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.05)
+    block = block.bfloat16()
+    x = torch.randn(3, model_mod.SIDE_STREAM_MIN_TOKENS // 2, 256, device="cuda").bfloat16()
+
+    def run():
+        leaf = x.detach().requires_grad_()
+        y, routing = block(leaf)
+        grads = torch.autograd.grad(y.float().square().sum(), [leaf, *block.parameters()])
+        return [y, *grads], routing.expert_ids
+
+    assert model_mod.side_stream(x.view(-1, 256)) is not None
+    overlapped, ids = run()
+    monkeypatch.setattr(model_mod, "side_stream", lambda _: None)
+    sequential, ids_sequential = run()
+    assert torch.equal(ids, ids_sequential)
+    for a, b in zip(overlapped, sequential):
+        assert _rel_err(a, b) < 1e-2

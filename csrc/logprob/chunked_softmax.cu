@@ -8,9 +8,11 @@
 #include <algorithm>
 #include <cstdlib>
 #include <limits>
+#include <string>
 #include <type_traits>
 
 #include "../common/blas.h"
+#include "sm90_gemm.h"
 
 namespace ringkern::logprob {
 namespace {
@@ -230,11 +232,25 @@ int64_t chunk_rows(int64_t tokens, int64_t ld, int64_t elem_size) {
   return std::min(tokens, round_up(ceil_div(tokens, n_chunks), align));
 }
 
+// Whether bf16 -> fp32 weight gradients take the CUTLASS kernel (sm90_gemm.cu); RINGKERN_LOGPROB_CUTLASS=0
+// keeps them on cuBLAS (for comparison).
+bool use_cutlass_grad_weight() {
+  const char* env = std::getenv("RINGKERN_LOGPROB_CUTLASS");
+  return !(env && std::string(env) == "0");
+}
+
 // grad_weight [V, H] (+)= D^T [V, rows] @ hidden [rows, H], in fp32 or in the inputs' dtype.
 template <typename T>
 void grad_weight_gemm(const PassArgs& p, const T* h, const T* d, int64_t rows, int64_t ld, float beta) {
   const int64_t H = p.hidden.size(1), V = p.weight.size(0);
   if (p.grad_weight.scalar_type() == at::kFloat && !std::is_same_v<T, float>) {
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      if (use_cutlass_grad_weight() &&
+          grad_weight_gemm_sm90(h, d, rows, ld, H, V, beta, p.grad_weight.data_ptr<float>(),
+                                at::cuda::getCurrentCUDAStream())) {
+        return;
+      }
+    }
     gemm<T, float>('n', 't', H, V, rows, h, H, d, ld, beta, p.grad_weight.data_ptr<float>(), H);
   } else {
     gemm<T, T>('n', 't', H, V, rows, h, H, d, ld, beta, p.grad_weight.data_ptr<T>(), H);
