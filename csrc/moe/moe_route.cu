@@ -30,46 +30,56 @@ __device__ __forceinline__ bool beats(float va, int ia, float vb, int ib) {
   return va > vb || (va == vb && ia < ib);
 }
 
-// Warp-wide argmax of (value, index) with lower-index tie-breaking; `payload` travels with the winner.
-__device__ __forceinline__ void warp_argmax(float& v, int& i, float& payload) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) {
-    const float ov = __shfl_xor_sync(kFull, v, offset);
-    const int oi = __shfl_xor_sync(kFull, i, offset);
-    const float op = __shfl_xor_sync(kFull, payload, offset);
-    if (beats(ov, oi, v, i)) {
-      v = ov;
-      i = oi;
-      payload = op;
-    }
-  }
+// Order-preserving map of floats to unsigned keys (a < b <=> key(a) < key(b); -0 is taken as +0), so the
+// warp can compare them with single-instruction reductions (__reduce_max_sync / __reduce_min_sync).
+__device__ __forceinline__ uint32_t order_key(float v) {
+  uint32_t b = __float_as_uint(v);
+  if (b == 0x80000000u) b = 0u;
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
 }
 
-// One warp per token; lane l holds experts l, l+32, ... (kPerLane of them, E <= 32*kPerLane).
-// Per-block histogram of the chosen experts in shared memory, flushed to `counts` with one atomic per bin.
+__device__ __forceinline__ float key_value(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+constexpr uint32_t kTakenKey = 0u;  // below every float's key (-inf maps to 0x007fffff)
+
+// Top-2 keys of a set: merge (a1 >= a2) with (b1 >= b2).
+__device__ __forceinline__ void merge_top2(uint32_t& a1, uint32_t& a2, uint32_t b1, uint32_t b2) {
+  const uint32_t lo = min(a1, b1);
+  a1 = max(a1, b1);
+  a2 = max(lo, max(a2, b2));
+}
+
+// One warp per token; lane l holds experts l + 32 j (j < kPerLane, E <= 32 kPerLane). Groups of gs = E /
+// n_group experts: gs a multiple of 32 (a group is gs / 32 consecutive j of every lane) or a divisor of 32
+// (a group is a segment of gs lanes within one j). Every selection is a warp-wide max of order keys with
+// ties broken by the lower index, so the result equals the reference's exactly. Per-block histogram of
+// the chosen experts in shared memory, flushed to `counts` with one atomic per bin.
 template <int kPerLane>
-__global__ void __launch_bounds__(kRouteWarps * 32)
+__global__ void __launch_bounds__(kRouteWarps * 32, 4)
 moe_route_kernel(const float* __restrict__ logits, const float* __restrict__ bias,
                  const int32_t* __restrict__ replay_ids32, const int64_t* __restrict__ replay_ids64,
                  float* __restrict__ weights, int32_t* __restrict__ ids_out, int32_t* __restrict__ counts,
                  int T, int E, int n_group, int topk_group, int top_k, float scale, bool renormalize) {
   extern __shared__ int smem[];
-  int* hist = smem;                                             // [E]
-  float* biased_all = reinterpret_cast<float*>(smem + E);       // [kRouteWarps][E]
-  float* gscore_all = biased_all + kRouteWarps * E;             // [kRouteWarps][n_group]
+  int* hist = smem;                                          // [E]
+  float* gscore_all = reinterpret_cast<float*>(smem + E);    // [kRouteWarps][n_group]
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  float* biased_sh = biased_all + warp * E;
   float* gscore = gscore_all + warp * n_group;
   const bool replay = replay_ids32 != nullptr || replay_ids64 != nullptr;
-  const int group_size = E / n_group;
+  const int gs = E / n_group;
+  int group[kPerLane];  // group of expert lane + 32 j
+#pragma unroll
+  for (int j = 0; j < kPerLane; ++j) group[j] = (lane + 32 * j) / gs;
 
   for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
   __syncthreads();
 
   for (int t = blockIdx.x * kRouteWarps + warp; t < T; t += gridDim.x * kRouteWarps) {
     const float* row = logits + static_cast<int64_t>(t) * E;
-    int my_id = 0;        // lane j < top_k: the j-th chosen expert
-    float my_score = 0.f; // and its unbiased score
+    int my_id = 0;         // lane r < top_k: the r-th chosen expert
+    float my_score = 0.f;  // and its unbiased score
     if (replay) {
       if (lane < top_k) {
         const int64_t off = static_cast<int64_t>(t) * top_k + lane;
@@ -78,70 +88,83 @@ moe_route_kernel(const float* __restrict__ logits, const float* __restrict__ bia
         my_score = sigmoidf(row[my_id]);
       }
     } else {
-      float score[kPerLane], value[kPerLane];
+      float score[kPerLane];
+      uint32_t key[kPerLane];  // of the biased score; kTakenKey past E
 #pragma unroll
       for (int j = 0; j < kPerLane; ++j) {
         const int e = lane + 32 * j;
-        if (e < E) {
-          score[j] = sigmoidf(row[e]);
-          value[j] = score[j] + bias[e];
-          biased_sh[e] = value[j];
-        }
+        score[j] = e < E ? sigmoidf(row[e]) : 0.f;
+        key[j] = e < E ? order_key(score[j] + bias[e]) : kTakenKey;
       }
-      __syncwarp();
-      // Group score: the sum of the group's two largest biased scores.
-      for (int g = lane; g < n_group; g += 32) {
-        float top1 = -INFINITY, top2 = -INFINITY;
-        for (int e = g * group_size; e < (g + 1) * group_size; ++e) {
-          const float v = biased_sh[e];
-          if (v > top1) {
-            top2 = top1;
-            top1 = v;
-          } else if (v > top2) {
-            top2 = v;
-          }
-        }
-        gscore[g] = top1 + top2;
-      }
-      __syncwarp();
-      // Keep topk_group groups (n_group <= 64: one bit each).
-      unsigned long long kept = 0ull;
-      for (int r = 0; r < topk_group; ++r) {
-        float bv = -INFINITY, dummy = 0.f;
-        int bi = INT_MAX;
-        for (int g = lane; g < n_group; g += 32) {
-          if (!((kept >> g) & 1ull) && beats(gscore[g], g, bv, bi)) {
-            bv = gscore[g];
-            bi = g;
-          }
-        }
-        warp_argmax(bv, bi, dummy);
-        kept |= 1ull << bi;
-      }
-      // Experts of dropped groups score -inf; then top_k rounds of argmax over the rest.
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        const int e = lane + 32 * j;
-        if (e < E && !((kept >> (e / group_size)) & 1ull)) value[j] = -INFINITY;
-      }
-      unsigned taken = 0u;  // bit j: expert lane+32j already chosen
-      for (int r = 0; r < top_k; ++r) {
-        float bv = -INFINITY, bs = 0.f;
-        int bi = INT_MAX;
+      // Group scores (the sum of the group's two largest biased scores) into shared memory.
+      if (gs % 32 == 0) {  // group[j] is the same on every lane: a group is a run of consecutive j
+        uint32_t t1 = kTakenKey, t2 = kTakenKey;
 #pragma unroll
         for (int j = 0; j < kPerLane; ++j) {
-          const int e = lane + 32 * j;
-          if (e < E && !((taken >> j) & 1u) && beats(value[j], e, bv, bi)) {
-            bv = value[j];
-            bi = e;
-            bs = score[j];
+          if (32 * j < E) {
+            merge_top2(t1, t2, key[j], kTakenKey);
+            if (j == kPerLane - 1 || 32 * (j + 1) >= E || group[j + 1] != group[j]) {  // the group's last j
+              const uint32_t m1 = __reduce_max_sync(kFull, t1);
+              const int first = __ffs(__ballot_sync(kFull, t1 == m1)) - 1;
+              const uint32_t m2 = __reduce_max_sync(kFull, lane == first ? t2 : t1);
+              if (lane == 0) gscore[group[j]] = key_value(m1) + key_value(m2);
+              t1 = t2 = kTakenKey;
+            }
           }
         }
-        warp_argmax(bv, bi, bs);
-        if (lane == bi % 32) taken |= 1u << (bi / 32);
+      } else {  // gs divides 32: top-2 over each segment of gs lanes
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) {
+          uint32_t t1 = key[j], t2 = kTakenKey;
+          for (int offset = 1; offset < gs; offset <<= 1) {
+            const uint32_t o1 = __shfl_xor_sync(kFull, t1, offset), o2 = __shfl_xor_sync(kFull, t2, offset);
+            merge_top2(t1, t2, o1, o2);
+          }
+          if (lane % gs == 0 && lane + 32 * j < E) gscore[group[j]] = key_value(t1) + key_value(t2);
+        }
+      }
+      __syncwarp();
+      // Keep topk_group groups: group g is kept when fewer than topk_group groups beat it.
+      unsigned long long kept = 0ull;
+      for (int base = 0; base < n_group; base += 32) {
+        const int g = base + lane;
+        int rank = 0;
+        if (g < n_group) {
+          const float v = gscore[g];
+          for (int h = 0; h < n_group; ++h) rank += beats(gscore[h], h, v, g);
+        }
+        kept |= static_cast<unsigned long long>(__ballot_sync(kFull, g < n_group && rank < topk_group)) << base;
+      }
+      __syncwarp();  // gscore is rewritten by the next token
+      const uint32_t dropped = order_key(-INFINITY);
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        if (lane + 32 * j < E && !((kept >> group[j]) & 1ull)) key[j] = dropped;
+      }
+      // top_k rounds: the largest key left, and of its holders the lowest expert index.
+      for (int r = 0; r < top_k; ++r) {
+        uint32_t head = key[0];
+#pragma unroll
+        for (int j = 1; j < kPerLane; ++j) head = max(head, key[j]);
+        const uint32_t best = __reduce_max_sync(kFull, head);
+        int mine = INT_MAX;  // this lane's lowest expert holding the best key
+#pragma unroll
+        for (int j = kPerLane - 1; j >= 0; --j) {
+          if (key[j] == best) mine = lane + 32 * j;
+        }
+        const int winner = static_cast<int>(__reduce_min_sync(kFull, static_cast<unsigned>(mine)));
+        float won_score = 0.f;
+#pragma unroll
+        for (int j = 0; j < kPerLane; ++j) {
+          if (lane + 32 * j == winner) {
+            won_score = score[j];
+            key[j] = kTakenKey;
+          }
+        }
+        won_score = __shfl_sync(kFull, won_score, winner % 32);
         if (lane == r) {
-          my_id = bi;
-          my_score = bs;
+          my_id = winner;
+          my_score = won_score;
         }
       }
     }
@@ -326,8 +349,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& 
   RK_CHECK_ARG(expert_bias.dim() == 1 && expert_bias.size(0) == E, "expert_bias", "expected [", E, "], got ",
                expert_bias.sizes());
   RK_CHECK_ARG(E >= 1 && E <= 512, "router_logits", "expected 1 <= E <= 512 experts, got ", E);
-  RK_CHECK_ARG(n_group >= 1 && n_group <= 64 && E % n_group == 0 && E / n_group >= 2, "n_group",
-               "expected a divisor of E=", E, " with at least 2 experts per group and n_group <= 64, got ", n_group);
+  RK_CHECK_ARG(n_group >= 1 && n_group <= 64 && E % n_group == 0 && E / n_group >= 2 &&
+                   ((E / n_group) % 32 == 0 || 32 % (E / n_group) == 0),
+               "n_group", "expected a divisor of E=", E, " giving groups of 2, 4, 8, 16 or a multiple of 32 experts ",
+               "and n_group <= 64, got ", n_group);
   RK_CHECK_ARG(topk_group >= 1 && topk_group <= n_group, "topk_group", "expected 1..", n_group, ", got ", topk_group);
   RK_CHECK_ARG(top_k >= 1 && top_k <= 32 && top_k <= E, "top_k", "expected 1..min(32, E), got ", top_k);
   const int32_t* replay32 = nullptr;
@@ -349,7 +374,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& 
   if (T == 0) return {weights, ids_out, counts};
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks = std::min<int64_t>((T + kRouteWarps - 1) / kRouteWarps, 8 * sms);
-  const size_t smem = sizeof(int) * (E + kRouteWarps * E + kRouteWarps * n_group);
+  const size_t smem = sizeof(int) * (E + kRouteWarps * n_group);
   auto stream = at::cuda::getCurrentCUDAStream();
   auto launch = [&](auto kernel) {
     kernel<<<blocks, kRouteWarps * 32, smem, stream>>>(
