@@ -1,7 +1,8 @@
 // Every ringkern op schema, declared once, and the Python module that reports the build.
 // CUDA implementations register themselves next to their kernels (TORCH_LIBRARY_IMPL in the .cu files);
-// the CPU implementations, fake (meta) kernels and autograd formulas are registered in Python
-// (ringkern/ops/_library.py), where the CPU kernels are the pure-PyTorch references.
+// the CPU implementations and fake (meta) kernels are registered in Python (ringkern/ops/_library.py), where
+// the CPU kernels are the pure-PyTorch references; autograd kernels: csrc/autograd.cpp for the per-layer
+// ops, Python for the loss ops.
 #include <torch/library.h>
 #include <torch/extension.h>
 

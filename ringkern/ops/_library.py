@@ -2,7 +2,9 @@
 
 The schemas and the CUDA kernels live in the native extension ``ringkern._C``. Here each op gets its CPU
 kernel (the pure-PyTorch reference, so the dispatcher picks the implementation by device), a fake (meta)
-kernel so ``torch.compile`` can trace it, and its autograd formula.
+kernel so ``torch.compile`` can trace it, and, for the loss ops called once per step (token_logprobs,
+attach_grads), its autograd formula. The per-layer ops have theirs in C++ (csrc/autograd.cpp), where a
+call costs a few microseconds of host time instead of tens.
 """
 from __future__ import annotations
 
@@ -27,18 +29,6 @@ def _register_rms_norm() -> None:
     @torch.library.register_fake("ringkern::rms_norm_backward")
     def _(grad_out, x, weight, eps):
         return torch.empty_like(x), torch.empty_like(weight)
-
-    def setup_context(ctx, inputs, output):
-        x, weight, eps = inputs
-        ctx.save_for_backward(x, weight)
-        ctx.eps = eps
-
-    def backward(ctx, grad_out):
-        x, weight = ctx.saved_tensors
-        grad_x, grad_w = torch.ops.ringkern.rms_norm_backward(grad_out.contiguous(), x, weight, ctx.eps)
-        return grad_x, grad_w, None
-
-    torch.library.register_autograd("ringkern::rms_norm", backward, setup_context=setup_context)
 
 
 _register_rms_norm()
@@ -71,18 +61,6 @@ def _register_mtp_input() -> None:
         return (torch.empty_like(embeds), torch.empty_like(hidden), torch.empty_like(enorm_weight),
                 torch.empty_like(hnorm_weight), torch.empty_like(eh_weight))
 
-    def setup_context(ctx, inputs, output):
-        embeds, hidden, enorm_weight, hnorm_weight, eh_weight, eps = inputs
-        ctx.save_for_backward(embeds, hidden, output[1], enorm_weight, hnorm_weight, eh_weight)
-        ctx.mark_non_differentiable(output[1])
-        ctx.eps = eps
-
-    def backward(ctx, grad_out, _grad_normed):
-        grads = torch.ops.ringkern.mtp_input_backward(grad_out.contiguous(), *ctx.saved_tensors, ctx.eps)
-        return (*grads, None)
-
-    torch.library.register_autograd("ringkern::mtp_input", backward, setup_context=setup_context)
-
 
 _register_mtp_input()
 
@@ -110,15 +88,6 @@ def _register_router_logits() -> None:
     @torch.library.register_fake("ringkern::router_logits")
     def _(x, weight):
         return x.new_empty(x.shape[0], weight.shape[0], dtype=torch.float32)
-
-    def setup_context(ctx, inputs, output):
-        ctx.save_for_backward(*inputs)
-
-    def backward(ctx, grad):
-        x, weight = ctx.saved_tensors
-        return (grad @ weight.float()).to(x.dtype), (grad.t() @ x.float()).to(weight.dtype)
-
-    torch.library.register_autograd("ringkern::router_logits", backward, setup_context=setup_context)
 
 
 _register_router_logits()
@@ -167,40 +136,6 @@ def _register_moe() -> None:
     def _(grad_y, x, weights, gate_up_proj, down_proj, gate_up_out, sorted_slot, slot_pos, offsets):
         return (torch.empty_like(x), torch.empty_like(weights), torch.empty_like(gate_up_proj),
                 torch.empty_like(down_proj))
-
-    def route_setup_context(ctx, inputs, output):
-        router_logits, _, _, _, _, scale, renormalize, _ = inputs
-        ctx.save_for_backward(router_logits, output[1])
-        ctx.scale, ctx.renormalize = scale, renormalize
-
-    def route_backward(ctx, grad_weights, _grad_ids, _grad_counts):
-        router_logits, ids = ctx.saved_tensors
-        grad_logits = None
-        if ctx.needs_input_grad[0] and grad_weights is not None:
-            grad_logits = torch.ops.ringkern.moe_route_backward(grad_weights.contiguous(), router_logits, ids,
-                                                                ctx.scale, ctx.renormalize)
-        return grad_logits, None, None, None, None, None, None, None
-
-    torch.library.register_autograd("ringkern::moe_route", route_backward, setup_context=route_setup_context)
-
-    # Stored for the backward: x, weights, the weights of the experts, the first GEMM's output (pre-activation)
-    # and the dispatch; the gathered rows and the activation are recomputed (see csrc/moe/moe_experts.cu).
-    def experts_setup_context(ctx, inputs, output):
-        x, weights, _, gate_up_proj, down_proj = inputs
-        _, gate_up_out, sorted_slot, slot_pos, offsets = output
-        ctx.save_for_backward(x, weights, gate_up_proj, down_proj, gate_up_out, sorted_slot, slot_pos, offsets)
-
-    def experts_backward(ctx, grad_y, *_grad_saved):
-        if grad_y is None:
-            return None, None, None, None, None
-        grads = torch.ops.ringkern.moe_experts_backward(grad_y.contiguous(), *ctx.saved_tensors)
-        grad_x, grad_weights, grad_gate_up, grad_down = (g if need else None
-                                                         for g, need in zip(grads, ctx.needs_input_grad[:2]
-                                                                            + ctx.needs_input_grad[3:]))
-        return grad_x, grad_weights, None, grad_gate_up, grad_down
-
-    torch.library.register_autograd("ringkern::moe_experts_forward", experts_backward,
-                                    setup_context=experts_setup_context)
 
 
 _register_moe()
