@@ -232,22 +232,11 @@ int64_t chunk_rows(int64_t tokens, int64_t ld, int64_t elem_size) {
   return std::min(tokens, round_up(ceil_div(tokens, n_chunks), align));
 }
 
-// Whether the bf16 -> fp32 GEMMs (logits, weight gradient) take the CUTLASS kernels (sm90_gemm.cu);
-// RINGKERN_LOGPROB_CUTLASS=0 keeps them on cuBLAS (for comparison).
-bool use_cutlass() {
+// Whether bf16 -> fp32 weight gradients take the CUTLASS kernel (sm90_gemm.cu); RINGKERN_LOGPROB_CUTLASS=0
+// keeps them on cuBLAS (for comparison).
+bool use_cutlass_grad_weight() {
   const char* env = std::getenv("RINGKERN_LOGPROB_CUTLASS");
   return !(env && std::string(env) == "0");
-}
-
-// logits [rows, V] fp32 (row stride ld) = h [rows, H] @ weight [V, H]^T.
-template <typename T>
-void logits_gemm(const T* h, const T* weight, int64_t rows, int64_t H, int64_t V, float* logits, int64_t ld) {
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (use_cutlass() && logits_gemm_sm90(h, weight, rows, H, V, logits, ld, at::cuda::getCurrentCUDAStream())) {
-      return;
-    }
-  }
-  gemm<T, float>('t', 'n', V, rows, H, weight, H, h, H, 0.f, logits, ld);
 }
 
 // grad_weight [V, H] (+)= D^T [V, rows] @ hidden [rows, H], in fp32 or in the inputs' dtype.
@@ -256,7 +245,7 @@ void grad_weight_gemm(const PassArgs& p, const T* h, const T* d, int64_t rows, i
   const int64_t H = p.hidden.size(1), V = p.weight.size(0);
   if (p.grad_weight.scalar_type() == at::kFloat && !std::is_same_v<T, float>) {
     if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      if (use_cutlass() &&
+      if (use_cutlass_grad_weight() &&
           grad_weight_gemm_sm90(h, d, rows, ld, H, V, beta, p.grad_weight.data_ptr<float>(),
                                 at::cuda::getCurrentCUDAStream())) {
         return;
@@ -296,7 +285,7 @@ void run_pass_typed(const PassArgs& p) {
     const int64_t n = std::min(rows, tokens - start);
     const T* h = hidden + start * H;
     // logits [n, V] = h [n, H] @ weight^T, fp32 out: the log-sum-exp sees unrounded logits
-    logits_gemm<T>(h, weight, n, H, V, logits, ld);
+    gemm<T, float>('t', 'n', V, n, H, weight, H, h, H, 0.f, logits, ld);
     args.row0 = start;
     softmax_rows_kernel<T><<<n, kRowThreads, 0, stream>>>(logits, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
