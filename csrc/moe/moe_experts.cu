@@ -22,10 +22,9 @@
 #include <cuda_bf16.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdlib>
-#include <map>
-#include <mutex>
-#include <utility>
+#include <type_traits>
 
 #include "../common/check.h"
 
@@ -288,6 +287,25 @@ __device__ __forceinline__ bool touched_expert(const int32_t* active, const int3
   return true;
 }
 
+// Calls pass(n_tiles, r0) for the expert's sorted rows [begin, end) in passes of 8 n_tiles rows, n_tiles a
+// std::integral_constant <= kMaxNT: the fewest n-tiles that cover what is left.
+template <int kMaxNT, typename Pass>
+__device__ __forceinline__ void for_each_pass(int begin, int end, Pass&& pass) {
+  for (int r0 = begin; r0 < end;) {
+    const int rows = end - r0;
+    if (kMaxNT >= 4 && rows > 16) {
+      pass(std::integral_constant<int, 4>{}, r0);
+      r0 += 32;
+    } else if (kMaxNT >= 2 && rows > 8) {
+      pass(std::integral_constant<int, 2>{}, r0);
+      r0 += 16;
+    } else {
+      pass(std::integral_constant<int, 1>{}, r0);
+      r0 += 8;
+    }
+  }
+}
+
 // One pass over the gate and up rows j0.. j0+15 of expert e for sorted rows [r0, min(r0 + 8 kNT, end)).
 template <int kNT>
 __device__ void gate_up_pass(const bf16* x, const int32_t* sorted_slot, const bf16* w_e, bf16* gate_up_out,
@@ -335,19 +353,9 @@ small_gate_up_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ sor
   if (!touched_expert(active, offsets, E, e, begin, end)) return;
   const bf16* w_e = w_gu + static_cast<int64_t>(e) * 2 * I * H;
   const int j0 = blockIdx.x * kMmaRows;
-  for (int r0 = begin; r0 < end;) {
-    const int rows = end - r0;
-    if (kMaxNT >= 4 && rows > 16) {
-      gate_up_pass<4>(x, sorted_slot, w_e, gate_up_out, act, red, r0, end, k, H, I, j0);
-      r0 += 32;
-    } else if (kMaxNT >= 2 && rows > 8) {
-      gate_up_pass<2>(x, sorted_slot, w_e, gate_up_out, act, red, r0, end, k, H, I, j0);
-      r0 += 16;
-    } else {
-      gate_up_pass<1>(x, sorted_slot, w_e, gate_up_out, act, red, r0, end, k, H, I, j0);
-      r0 += 8;
-    }
-  }
+  for_each_pass<kMaxNT>(begin, end, [&](auto n_tiles, int r0) {
+    gate_up_pass<decltype(n_tiles)::value>(x, sorted_slot, w_e, gate_up_out, act, red, r0, end, k, H, I, j0);
+  });
 }
 
 // One pass over the down rows h0.. h0+15 of expert e for sorted rows [r0, min(r0 + 8 kNT, end)).
@@ -385,19 +393,9 @@ small_down_kernel(const bf16* __restrict__ act, const int32_t* __restrict__ offs
   if (!touched_expert(active, offsets, E, e, begin, end)) return;
   const bf16* w_e = w_down + static_cast<int64_t>(e) * H * I;
   const int h0 = blockIdx.x * kMmaRows;
-  for (int r0 = begin; r0 < end;) {
-    const int rows = end - r0;
-    if (kMaxNT >= 4 && rows > 16) {
-      down_pass<4>(act, w_e, y_sorted, red, r0, end, H, I, h0);
-      r0 += 32;
-    } else if (kMaxNT >= 2 && rows > 8) {
-      down_pass<2>(act, w_e, y_sorted, red, r0, end, H, I, h0);
-      r0 += 16;
-    } else {
-      down_pass<1>(act, w_e, y_sorted, red, r0, end, H, I, h0);
-      r0 += 8;
-    }
-  }
+  for_each_pass<kMaxNT>(begin, end, [&](auto n_tiles, int r0) {
+    down_pass<decltype(n_tiles)::value>(act, w_e, y_sorted, red, r0, end, H, I, h0);
+  });
 }
 
 // Whether the few-rows kernels take this problem: at most RINGKERN_MOE_SMALL_SLOTS token slots (0 turns
