@@ -76,4 +76,9 @@ PYBIND11_MODULE(_C, m) {
   m.attr("with_cuda") = false;
 #endif
   m.attr("cuda_archs") = RINGKERN_CUDA_ARCHS;
+#ifdef RINGKERN_WITH_CUTLASS
+  m.attr("with_cutlass") = true;
+#else
+  m.attr("with_cutlass") = false;
+#endif
 }

@@ -12,6 +12,8 @@ def test_info_lists_ops_and_build():
     assert res.returncode == 0, res.stderr
     assert "ringkern 0.1.0" in res.stdout and "rms_norm" in res.stdout
     assert "CUDA kernels compiled in:" in res.stdout
+    if "compiled in: yes" in res.stdout:
+        assert "CUTLASS kernels:" in res.stdout
 
 
 def test_bad_subcommand_is_an_error():

@@ -19,7 +19,8 @@ def cmd_info(_: argparse.Namespace) -> int:
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda}); CUDA device: "
           f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}")
     print(f"CUDA kernels compiled in: {'yes' if _C.with_cuda else 'no'}"
-          + (f" (archs {_C.cuda_archs})" if _C.with_cuda else ""))
+          + (f" (archs {_C.cuda_archs}; CUTLASS kernels: {'yes' if _C.with_cutlass else 'no, cuBLAS instead'})"
+             if _C.with_cuda else ""))
     print(f"ops: {', '.join(ops)}")
     return 0
 
