@@ -1,5 +1,5 @@
 // Chunked linear + softmax over the vocabulary: the fused row kernel and the chunk loop that drives it
-// between cuBLAS GEMMs (see chunked_softmax.h for the data flow).
+// between the GEMMs (see chunked_softmax.h for the data flow).
 #include "chunked_softmax.h"
 
 #include <ATen/cuda/CUDAContext.h>

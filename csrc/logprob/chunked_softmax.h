@@ -4,8 +4,9 @@
 // Per chunk of rows: one cuBLAS GEMM writes the chunk's logits in fp32 (bf16 logits would put their
 // rounding, up to |logit| * 2^-9, into every log-prob); one fused kernel per row computes the online
 // log-sum-exp, log-prob and entropy, and (in the gradient modes) overwrites the logits in place with
-// d(loss)/d(logits) in the inputs' dtype (row stride unchanged in bytes); two more GEMMs turn that into the chunk's grad_hidden rows and its
-// contribution to grad_weight (accumulated in fp32 or in the weight's dtype, never re-read as logits).
+// d(loss)/d(logits) in the inputs' dtype (row stride unchanged in bytes); two more GEMMs turn that into
+// the chunk's grad_hidden rows (cuBLAS) and its contribution to grad_weight (accumulated in fp32 or in the
+// weight's dtype, never re-read as logits; bf16 into fp32 on a CUTLASS kernel, sm90_gemm.cu).
 #pragma once
 #include <torch/types.h>
 
