@@ -238,10 +238,8 @@ class MoEBlock(nn.Module):
         return y.view(B, T, H), Routing(ids.view(B, T, -1), counts)
 
 
-_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
-
-
 SIDE_STREAM_MIN_TOKENS = 1024
+_SIDE_STREAMS: dict[int, torch.cuda.Stream] = {}
 
 
 def side_stream(x: torch.Tensor) -> torch.cuda.Stream | None:

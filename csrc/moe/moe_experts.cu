@@ -204,38 +204,24 @@ __device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
-// acc[a][t] += W_a [16 rows, ld ldw] x rows_t^T over k in [k_begin, k_end) (a multiple of 32 long), for kA
-// weight tiles and kNT n-tiles of 8 rows (row pointers per lane: n-tile t's row lane / 4). Accumulator
-// layout of the mma: acc[a][t][2h + q] is weight row lane / 4 + 8h, row 8t + 2 (lane % 4) + q.
-// 16-byte loads as volatile asm, like the mma: the compiler keeps them in program order, so all of a
-// round's loads are issued before its first mma waits on one (otherwise it interleaves them).
-__device__ __forceinline__ uint4 load_streaming(const bf16* p) {  // read once: evict first
-  uint4 v;
-  asm volatile("ld.global.cs.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
-__device__ __forceinline__ uint4 load_cached(const bf16* p) {  // read-only rows shared by many blocks
-  uint4 v;
-  asm volatile("ld.global.nc.v4.u32 {%0,%1,%2,%3}, [%4];\n" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "l"(p));
-  return v;
-}
-
+// acc[a][t] += W_a [16 rows, ld ldw] x rows_t^T over kU 32-wide k chunks from k0, for kA weight tiles and kNT
+// n-tiles of 8 rows (row pointers per lane: n-tile t's row lane / 4). Accumulator layout of the mma:
+// acc[a][t][2h + q] is weight row lane / 4 + 8h, row 8t + 2 (lane % 4) + q.
 template <int kU, int kA, int kNT>
 __device__ __forceinline__ void mma_chunks(const bf16* const (&w)[kA], int64_t ldw, const bf16* const (&rows)[kNT],
                                            int k0, float (&acc)[kA][kNT][4]) {
   const int lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
   uint4 wa[kU][kA][2], xb[kU][kNT];
 #pragma unroll
-  for (int u = 0; u < kU; ++u) {  // every load first: 16-byte loads in flight
+  for (int u = 0; u < kU; ++u) {  // the loads first (weights: streaming, read once; rows: read-only cache)
     const int k = k0 + 32 * u + 8 * c;
 #pragma unroll
     for (int a = 0; a < kA; ++a) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) wa[u][a][h] = load_streaming(w[a] + (g + 8 * h) * ldw + k);
+      for (int h = 0; h < 2; ++h) wa[u][a][h] = __ldcs(reinterpret_cast<const uint4*>(w[a] + (g + 8 * h) * ldw + k));
     }
 #pragma unroll
-    for (int t = 0; t < kNT; ++t) xb[u][t] = load_cached(rows[t] + k);
+    for (int t = 0; t < kNT; ++t) xb[u][t] = __ldg(reinterpret_cast<const uint4*>(rows[t] + k));
   }
 #pragma unroll
   for (int u = 0; u < kU; ++u) {
@@ -251,6 +237,7 @@ __device__ __forceinline__ void mma_chunks(const bf16* const (&w)[kA], int64_t l
   }
 }
 
+// mma_chunks over k in [k_begin, k_end) (a multiple of 32 long), kMmaUnroll chunks at a time.
 template <int kA, int kNT>
 __device__ __forceinline__ void stream_mma(const bf16* const (&w)[kA], int64_t ldw, const bf16* const (&rows)[kNT],
                                            int k_begin, int k_end, float (&acc)[kA][kNT][4]) {
@@ -407,8 +394,9 @@ bool use_small_kernels(int64_t S, int64_t H, int64_t I) {
   static const int64_t fallback = 2048;
   const char* env = std::getenv("RINGKERN_MOE_SMALL_SLOTS");
   const int64_t max_slots = env ? std::atoll(env) : fallback;
-  const int64_t k_align = 32 * kMmaWarps;
-  return S <= max_slots && H % k_align == 0 && I % k_align == 0 && H % kMmaRows == 0 && I % kMmaRows == 0;
+  const int64_t k_align = 32 * kMmaWarps;  // a multiple of kMmaRows, so the output tiles fit too
+  static_assert((32 * kMmaWarps) % kMmaRows == 0);
+  return S <= max_slots && H % k_align == 0 && I % k_align == 0;
 }
 
 // Launches the few-rows kernels: act [S, I] and y_sorted [S, H] from x; rows per expert <= T, so T picks
