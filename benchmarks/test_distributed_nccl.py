@@ -1,4 +1,4 @@
-"""The checks of python_tests/test_distributed.py on GPUs with NCCL (NOT YET RUN: needs a multi-GPU host).
+"""The checks of python_tests/test_distributed.py on GPUs with NCCL.
 
 Each rank runs every check on cuda:LOCAL_RANK (fp32, tiny preset) against the single-process result on
 its own GPU; the greedy-decode check also runs the Engine's CUDA-graph decode with the expert-parallel
@@ -9,6 +9,7 @@ all-reduce captured in the graph. Prints one line per check and exits 1 if any r
 """
 from __future__ import annotations
 
+import faulthandler
 import os
 import sys
 import tempfile
@@ -23,6 +24,7 @@ import test_distributed as checks  # noqa: E402
 
 from ringkern.distributed import init_mesh, mesh  # noqa: E402
 
+CHECK_TIMEOUT_S = 120  # a hung check prints every thread's stack and ends the process
 REQUIRED_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
 
 
@@ -47,12 +49,14 @@ def main() -> int:
     for name, check in checks.CHECKS.items():
         work = root / name
         work.mkdir(exist_ok=True)
+        faulthandler.dump_traceback_later(CHECK_TIMEOUT_S, exit=True)
         try:
             check(rank, world, work)
             status = "ok"
         except Exception:
             status = "FAILED\n" + traceback.format_exc()
             failed += 1
+        faulthandler.cancel_dump_traceback_later()
         print(f"[rank {rank}/{world}] {name}: {status}", flush=True)
     flags = torch.tensor([failed], device=checks.DEVICE)
     dist.all_reduce(flags)

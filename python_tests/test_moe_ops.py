@@ -122,6 +122,18 @@ def test_experts_autograd_matches_reference(T):
     assert torch.autograd.gradcheck(lambda *a: ops.moe_experts(a[0], a[1], ids, a[2], a[3]), leaves)
 
 
+def test_experts_without_rows_give_zero_weight_grads():
+    """T = 0 (an expert-parallel rank that receives no rows): zero gradients for both projections, not None."""
+    E, H, I, k = 4, 8, 6, 2
+    gate_up, down = (t.requires_grad_() for t in _experts(E, H, I, torch.float32))
+    x = torch.randn(0, H, requires_grad=True)
+    y = ref.moe_experts(x, torch.rand(0, k), torch.zeros(0, k, dtype=torch.int32), gate_up, down)
+    assert y.shape == (0, H)
+    y.sum().backward()
+    assert gate_up.grad is not None and down.grad is not None
+    assert not gate_up.grad.any() and not down.grad.any()
+
+
 # ----------------------------------------------------------------------------------------- CUDA
 
 
@@ -231,6 +243,24 @@ def test_cuda_experts_zero_token_experts_and_one_hot_expert(experts_path):
     # every slot of every token on one expert (k = 1)
     _check_experts_cuda(x, weights[:, :1].contiguous(), torch.full((T, 1), 11, device="cuda", dtype=torch.int32),
                         gate_up, down)
+
+
+@requires_cuda
+def test_cuda_experts_under_autocast_take_the_kernel_with_fp32_master_weights():
+    """The trainer's case: fp32 parameters under bf16 autocast run the bf16 kernel (not the per-expert
+    reference loop) and their gradients come back fp32."""
+    E, H, I, k, T = 16, 256, 128, 4, 64
+    gate_up, down = (t.requires_grad_() for t in _experts(E, H, I, torch.float32, "cuda"))
+    x = torch.randn(T, H, device="cuda", requires_grad=True)
+    weights, ids = _routing(T, E, k, "cuda")
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        y = ops.moe_experts(x, weights, ids, gate_up, down)
+    y_bf16 = torch.ops.ringkern.moe_experts_forward(x.detach().bfloat16(), weights, ids,
+                                                   gate_up.detach().bfloat16(), down.detach().bfloat16())[0]
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_bf16)
+    y.float().sum().backward()
+    assert gate_up.grad.dtype == down.grad.dtype == x.grad.dtype == torch.float32
+    assert gate_up.grad.any() and down.grad.any()
 
 
 @requires_cuda

@@ -11,7 +11,8 @@ parameter names, so ``MoEBlock`` and checkpoints see no difference). Its ``gate_
   the rows then go with ``all_to_all_single_autograd`` (gradients flow back through the reverse
   all-to-all), the owner runs ``ops.moe_experts`` over its local experts (rows carry local expert ids and
   weight 1), the outputs come back by the reverse all-to-all, and the source rank combines them with its
-  routing weights in fp32, in the same slot order as the single-process reference. Each expert's
+  routing weights in fp32, summing each token's slots in the fixed order of the single-process reference
+  (deterministic). Each expert's
   gradient sums the contributions of every rank's tokens; it is scaled by 1/W so that it matches the
   gradient FSDP gives the dense parameters (the average of the ranks' losses).
 - Replicated tokens (``sync_free=True``: the Engine's cached prefill and decode, where every rank runs the
@@ -41,7 +42,7 @@ from torch.distributed.tensor import DTensor, Shard
 from .. import ops
 from ..model import RingFlashModel, RoutedExperts, Router
 from ..ops import inference as inference_ops
-from ..ops.reference import _acc
+from ..ops.reference import _acc, combine_slots
 
 
 @dataclass
@@ -102,7 +103,7 @@ def expert_parallel_moe(x: torch.Tensor, weights: torch.Tensor, expert_ids: torc
     down_local [El, H, I] (this rank's experts) -> [T, H] in x's dtype; differentiable in x, weights and
     the local expert weights. Equals ``ops.moe_experts`` with all E experts on the union of the ranks' tokens.
     """
-    T, H = x.shape
+    T = x.shape[0]
     k = expert_ids.shape[1]
     plan = dispatch_plan(expert_ids, num_experts, group)
     token_of_slot = plan.order // k  # [S]
@@ -112,8 +113,7 @@ def expert_parallel_moe(x: torch.Tensor, weights: torch.Tensor, expert_ids: torc
     out = ops.moe_experts(rows, ones, plan.recv_expert_ids.unsqueeze(1), gate_up_local, down_local)  # [R, H]
     back = funcol.wait_tensor(funcol.all_to_all_single_autograd(out, plan.send_splits, plan.recv_splits, group))
     weighted = _acc(back) * _acc(weights.reshape(-1)[plan.order]).unsqueeze(-1)  # [S, H] fp32
-    y = torch.zeros(T, H, dtype=weighted.dtype, device=x.device).index_add_(0, token_of_slot, weighted)
-    return y.to(x.dtype)
+    return combine_slots(weighted, plan.order, T, k).to(x.dtype)
 
 
 def replicated_moe(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,

@@ -87,7 +87,11 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
     x [T, H], weights [T, k] fp32, expert_ids [T, k], gate_up_proj [E, 2I, H], down_proj [E, H, I] -> [T, H].
     Differentiable in x, weights and both projections. On CUDA with bf16 tensors: grouped GEMMs over
     expert-sorted rows, no host sync (graph-capturable), deterministic; other CUDA dtypes use the reference.
+    Under autocast x and both projections run in autocast's dtype (the trainer keeps fp32 master weights).
     """
+    if x.is_cuda:
+        dtype = _gemm_dtype(x)
+        x, gate_up_proj, down_proj = x.to(dtype), gate_up_proj.to(dtype), down_proj.to(dtype)
     if x.is_cuda and not (x.dtype == gate_up_proj.dtype == down_proj.dtype == torch.bfloat16):
         return reference.moe_experts(x, weights, expert_ids, gate_up_proj, down_proj)
     return torch.ops.ringkern.moe_experts_forward(x.contiguous(), weights.contiguous(),

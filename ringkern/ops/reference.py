@@ -190,17 +190,23 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
     token_of_slot = order // k
     counts = torch.bincount(flat_ids, minlength=E).tolist()
     x_sorted = x[token_of_slot]
-    outs = []
-    for e, rows in enumerate(torch.split(x_sorted, counts)):
-        if rows.shape[0] == 0:
-            continue
+
+    def expert(rows: torch.Tensor, e: int) -> torch.Tensor:
         gate, up = (rows @ gate_up_proj[e].t()).split(two_i // 2, dim=-1)
-        outs.append((F.silu(gate) * up) @ down_proj[e].t())
-    y_sorted = torch.cat(outs) if outs else x.new_zeros(0, H)
+        return (F.silu(gate) * up) @ down_proj[e].t()
+
+    outs = [expert(rows, e) for e, rows in enumerate(torch.split(x_sorted, counts)) if rows.shape[0]]
+    # No rows at all: expert 0 over the empty rows keeps both projections in the graph (zero grads, not None).
+    y_sorted = torch.cat(outs) if outs else expert(x_sorted, 0)
     y_sorted = _acc(y_sorted) * _acc(weights.reshape(-1)[order]).unsqueeze(-1)
-    y = torch.zeros(T, H, dtype=y_sorted.dtype, device=x.device)
-    y.index_add_(0, token_of_slot, y_sorted)
-    return y.to(x.dtype)
+    return combine_slots(y_sorted, order, T, k).to(x.dtype)
+
+
+def combine_slots(y_sorted: torch.Tensor, order: torch.Tensor, T: int, k: int) -> torch.Tensor:
+    """Each token's sum of its k slot outputs: y_sorted [T k, H] holds the slots in ``order`` -> [T, H].
+    A gather back to slot order, then a fixed-order sum over k: deterministic on every device
+    (``index_add_`` accumulates with atomics on CUDA)."""
+    return y_sorted[torch.argsort(order)].reshape(T, k, y_sorted.shape[-1]).sum(1)
 
 
 def expert_bias_update(expert_bias: torch.Tensor, tokens_per_expert: torch.Tensor,
