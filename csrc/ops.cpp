@@ -60,6 +60,13 @@ TORCH_LIBRARY(ringkern, m) {
   // Attention of decode queries q [B, Hq, T, D] (bf16) over cache rows k_cache, v_cache [R >= B, Hkv, S, D]:
   // query t of row b sees positions <= positions[b, t] ([B, T] int64); -> [B, Hq, T, D].
   m.def("decode_attention(Tensor q, Tensor k_cache, Tensor v_cache, Tensor positions) -> Tensor");
+  // The attention input of a cached step: the fused projection qkv [B, T, (n_heads + 2 n_kv) D] split into
+  // heads, q and k RMS-normed (when the weights are given) and rotated by RoPE tables cos, sin [B, T, rot] fp32
+  // (partial NeoX: the first rot channels): (q [B, n_heads, T, D], k, v [B, n_kv, T, D]); given the caches
+  // [R >= B, n_kv, S, D] and positions [B, T] int64 in [0, S), k and v are also written at those positions
+  // of cache rows 0..B-1. Inference only (no autograd).
+  m.def("qkv_norm_rope(Tensor qkv, Tensor? q_weight, Tensor? k_weight, Tensor cos, Tensor sin, int n_heads, "
+        "int n_kv, float eps, Tensor(a!)? k_cache, Tensor(b!)? v_cache, Tensor? positions) -> (Tensor, Tensor, Tensor)");
   // Router logits x [N, H] @ weight [E, H]^T in fp32 (fp32 accumulation; bf16 inputs read as they are).
   m.def("router_logits(Tensor x, Tensor weight) -> Tensor");
 }

@@ -110,39 +110,27 @@ class Attention(nn.Module):
         if cfg.use_qk_norm:
             self.query_layernorm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
             self.key_layernorm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-        self.use_qk_norm = cfg.use_qk_norm
+        self.use_qk_norm, self.eps = cfg.use_qk_norm, cfg.rms_norm_eps
         self.dense = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 key_padding_mask: torch.Tensor | None, kv: LayerKV | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         qkv = self.query_key_value(x)  # [B, T, (Hq + 2 Hkv) D]
-        q, k, v = qkv.split([self.n_heads * self.head_dim, self.n_kv * self.head_dim,
-                             self.n_kv * self.head_dim], dim=-1)
-        q = q.reshape(B, T, self.n_heads, self.head_dim)
-        k = k.reshape(B, T, self.n_kv, self.head_dim)
-        if self.use_qk_norm:
-            q, k = self.query_layernorm(q), self.key_layernorm(k)
-        q, k = q.transpose(1, 2), k.transpose(1, 2)  # [B, Hq, T, D], [B, Hkv, T, D]
-        v = v.reshape(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = ops.apply_partial_rope(q, cos, sin), ops.apply_partial_rope(k, cos, sin)
-        if kv is not None and kv.rows is None:
-            out = self._decode_attention(q, k, v, kv)
-        else:
-            if kv is not None:
-                kv.keys[kv.rows, :, :T] = k
-                kv.values[kv.rows, :, :T] = v
+        norm_weights = (self.query_layernorm.weight, self.key_layernorm.weight) if self.use_qk_norm else (None, None)
+        heads = (*norm_weights, cos, sin, self.n_heads, self.n_kv, self.eps)  # qkv_norm_rope's arguments
+        if kv is None:  # training and uncached forwards: the differentiable composition
+            q, k, v = ops.qkv_norm_rope(qkv, *heads)
+            out = ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)
+        elif kv.rows is None:  # decode: one kernel also writes k, v at their positions of cache rows 0..B-1
+            q, _, _ = inference_ops.qkv_norm_rope(qkv, *heads, kv.keys, kv.values, kv.positions)
+            out = inference_ops.cached_attention(q, kv.keys[:B], kv.values[:B], kv.mask, kv.positions)
+        else:  # prefill: the sequences start at position 0 of their cache rows
+            q, k, v = inference_ops.qkv_norm_rope(qkv, *heads)
+            kv.keys[kv.rows, :, :T] = k
+            kv.values[kv.rows, :, :T] = v
             out = ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)  # [B, Hq, T, D]
         return self.dense(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
-
-    @staticmethod
-    def _decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kv: LayerKV) -> torch.Tensor:
-        """Write k, v [B, Hkv, T, D] at their positions of cache rows 0..B-1, then attend over those rows."""
-        B, T = kv.positions.shape
-        rows = torch.arange(B, device=q.device).unsqueeze(1).expand(B, T)  # [B, T]
-        kv.keys[rows, :, kv.positions] = k.transpose(1, 2)  # indexed view: [B, T, Hkv, D]
-        kv.values[rows, :, kv.positions] = v.transpose(1, 2)
-        return inference_ops.cached_attention(q, kv.keys[:B], kv.values[:B], kv.mask, kv.positions)  # [B, Hq, T, D]
 
 
 class DenseMLP(nn.Module):

@@ -16,7 +16,7 @@ from .reference import (AGGREGATIONS, CORRECTIONS, apply_partial_rope, attention
 
 __all__ = ["AGGREGATIONS", "CORRECTIONS", "ICEPOP_METRICS", "apply_partial_rope", "attention",
            "expert_bias_update", "icepop_policy_loss", "linear_cross_entropy", "moe_dispatch", "moe_experts",
-           "moe_route", "mtp_input", "rms_norm", "router_logits", "rope_cos_sin", "rope_frequencies", "rope_inv_freq", "token_logprobs"]
+           "moe_route", "mtp_input", "qkv_norm_rope", "rms_norm", "router_logits", "rope_cos_sin", "rope_frequencies", "rope_inv_freq", "token_logprobs"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -29,6 +29,15 @@ def _gemm_dtype(activations: torch.Tensor) -> torch.dtype:
     weights), else the activations'."""
     device_type = activations.device.type
     return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else activations.dtype
+
+
+def qkv_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                  cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int, eps: float
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention inputs (q, k, v) from the fused QKV projection (contract: :func:`reference.qkv_norm_rope`),
+    differentiable: the composition with the :func:`rms_norm` kernel. The cached inference steps use the
+    one-kernel ``ops.inference.qkv_norm_rope``."""
+    return reference.qkv_norm_rope(qkv, q_weight, k_weight, cos, sin, n_heads, n_kv, eps, norm=rms_norm)
 
 
 def mtp_input(embeds: torch.Tensor, hidden: torch.Tensor, enorm_weight: torch.Tensor,

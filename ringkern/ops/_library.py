@@ -78,6 +78,19 @@ def _register_decode_attention() -> None:
 _register_decode_attention()
 
 
+def _register_qkv_norm_rope() -> None:
+    torch.library.register_kernel("ringkern::qkv_norm_rope", "cpu", ref.qkv_norm_rope)
+
+    @torch.library.register_fake("ringkern::qkv_norm_rope")
+    def _(qkv, q_weight, k_weight, cos, sin, n_heads, n_kv, eps, k_cache, v_cache, positions):
+        B, T, C = qkv.shape
+        D = C // (n_heads + 2 * n_kv)
+        return (qkv.new_empty(B, n_heads, T, D), qkv.new_empty(B, n_kv, T, D), qkv.new_empty(B, n_kv, T, D))
+
+
+_register_qkv_norm_rope()
+
+
 def _register_router_logits() -> None:
     def router_logits_cpu(x, weight):
         with torch.autocast("cpu", enabled=False):  # fp32 logits whatever autocast says

@@ -11,6 +11,8 @@ on CUDA. The functions here compute the rest without a sync:
   (each (token, expert) pair gathers its expert's matrices and runs a batched matmul) for decode-sized
   calls and under capture, chunked so its workspace stays bounded; on the CPU, where syncs cost
   nothing, the reference itself.
+- ``qkv_norm_rope``: the fused QKV projection split into heads, q/k norms, RoPE and the decode step's
+  cache write in one kernel (``csrc/attention/qkv_norm_rope.cu``).
 - ``cached_attention``: queries attend to a cache row's keys at positions <= their own (the mask from
   ``cache_attention_mask``, made once per decode step for all layers).
 
@@ -120,6 +122,19 @@ def _masked_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Ten
     return out.reshape(B, Hq, T, D)
 
 
+def qkv_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                  cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int, eps: float,
+                  k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+                  positions: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """:func:`reference.qkv_norm_rope` (with the optional cache write) as one kernel on CUDA:
+    ``torch.ops.ringkern.qkv_norm_rope``, no autograd. The norm weights run in qkv's dtype."""
+    if q_weight is not None:
+        q_weight, k_weight = q_weight.to(qkv.dtype), k_weight.to(qkv.dtype)
+    return torch.ops.ringkern.qkv_norm_rope(qkv.contiguous(), q_weight, k_weight, cos.contiguous(),
+                                            sin.contiguous(), n_heads, n_kv, eps, k_cache, v_cache,
+                                            None if positions is None else positions.contiguous())
+
+
 def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                                positions: torch.Tensor) -> torch.Tensor:
     """The contract of ``torch.ops.ringkern.decode_attention`` (its CPU kernel): cache rows 0..B-1."""
@@ -129,4 +144,4 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 __all__ = ["cache_attention_mask", "cached_attention", "decode_attention_reference", "decode_kernel_supported",
-           "moe_experts", "moe_experts_gathered"]
+           "moe_experts", "moe_experts_gathered", "qkv_norm_rope"]

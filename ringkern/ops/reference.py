@@ -114,6 +114,29 @@ def apply_partial_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) ->
     return torch.cat([out.to(x.dtype), x_pass], dim=-1)
 
 
+def qkv_norm_rope(qkv: torch.Tensor, q_weight: torch.Tensor | None, k_weight: torch.Tensor | None,
+                  cos: torch.Tensor, sin: torch.Tensor, n_heads: int, n_kv: int, eps: float,
+                  k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+                  positions: torch.Tensor | None = None, norm=rms_norm
+                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Attention inputs from the fused projection qkv [B, T, (n_heads + 2 n_kv) D]: q [B, n_heads, T, D],
+    k, v [B, n_kv, T, D], with q and k normed by ``norm`` (when the weights are given) and rotated by
+    :func:`apply_partial_rope`. Given k_cache, v_cache [R >= B, n_kv, S, D] and positions [B, T], also writes
+    k and v at those positions of cache rows 0..B-1 (the contract of ``torch.ops.ringkern.qkv_norm_rope``)."""
+    B, T, _ = qkv.shape
+    D = qkv.shape[-1] // (n_heads + 2 * n_kv)
+    q, k, v = (t.reshape(B, T, -1, D) for t in qkv.split([n_heads * D, n_kv * D, n_kv * D], dim=-1))
+    if q_weight is not None:
+        q, k = norm(q, q_weight, eps), norm(k, k_weight, eps)
+    q, k = apply_partial_rope(q.transpose(1, 2), cos, sin), apply_partial_rope(k.transpose(1, 2), cos, sin)
+    v = v.transpose(1, 2)
+    if k_cache is not None:
+        rows = torch.arange(B, device=qkv.device).unsqueeze(1).expand(B, T)
+        k_cache[rows, :, positions] = k.transpose(1, 2)  # indexed view: [B, T, n_kv, D]
+        v_cache[rows, :, positions] = v.transpose(1, 2)
+    return q.contiguous(), k.contiguous(), v.contiguous()
+
+
 # ----------------------------------------------------------------------- attention
 
 
