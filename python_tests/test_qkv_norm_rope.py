@@ -89,8 +89,9 @@ def test_cuda_kernel_matches_reference(dtype, B, T, Hq, Hkv, D, rot, norm):
         assert g.shape == w.shape and g.is_contiguous(), name
         torch.testing.assert_close(g, w, **tol, msg=lambda m: f"{name}: {m}")
     assert torch.equal(got[2], want[2])  # v is only moved
-    mismatch = (got[0] != want[0]).float().mean().item()
-    assert mismatch < 0.01, f"q: {mismatch:.2%} of elements differ from the reference's rounding"
+    if dtype == torch.bfloat16:  # same rounding almost everywhere (fp32 differs in the last bits throughout)
+        mismatch = (got[0] != want[0]).float().mean().item()
+        assert mismatch < 0.01, f"q: {mismatch:.2%} of elements differ from the reference's rounding"
 
 
 @requires_cuda

@@ -223,9 +223,11 @@ class Engine:
         self._drafts = torch.zeros(max_batch, speculative_tokens, dtype=torch.long, device=self.device)  # per row
         self._draft_logq = torch.zeros(max_batch, speculative_tokens, self.config.vocab_size if speculative_tokens
                                        else 0, device=self.device)  # the drafts' filtered log-distributions
-        # Static inputs of the speculative step: committed tokens in each window, noise keys, generated counts [R].
-        self._offsets, self._keys, self._steps = (torch.zeros(max_batch, dtype=torch.long, device=self.device)
-                                                  for _ in range(3))
+        # The speculative step's static input, written by one host-to-device copy per step [R, W + 4]: each row's
+        # window tokens (zeros where its drafts go), then its first position, the number of committed tokens in
+        # the window, its noise key and its generated count (see _window_inputs / _unpack_window).
+        self._window_in = torch.zeros(max_batch, window + 4, dtype=torch.long, device=self.device)
+        self._arange = torch.arange(max(max_batch, window + 1), device=self.device)  # static index vectors
         # Its buffers for the MTP depths: the window's tokens with the committed token and the drafts after it
         # [R, W + D], the draft position's window index [R], and the hidden states that feed depth j (entry
         # j-1: the main model's for depth 1, then depth j-1's) [R, W, H].
@@ -371,7 +373,8 @@ class Engine:
         self._draft_beyond_depths(drafts, logq, last_hidden, anchor, keys, steps, params,
                                   self.cache.row_view(first_row, first_row + b))
         self._drafts[rows] = torch.stack(drafts, dim=1)
-        self._draft_logq[rows] = torch.stack(logq, dim=1)
+        if not params.greedy:
+            self._draft_logq[rows] = torch.stack(logq, dim=1)
 
     # ------------------------------------------------------------------ decode
     @torch.no_grad()
@@ -434,27 +437,29 @@ class Engine:
         """One speculative step of every active sequence: verify its drafts, draft the next step, commit."""
         count = len(active)
         batch = next(b for b in self.batch_buckets if b >= count) if self.device.type == "cuda" else count
-        self._window_inputs(active, batch)
+        offsets = self._window_inputs(active, batch)
         filters = (params.temperature, params.top_k, params.top_p, params.min_p)
-        tokens, logprobs, accepted, drafts, logq, routing = self._step(
+        committed, drafts, logq, routing = self._step(
             f"speculate{filters}", functools.partial(self._speculative_forward, params), batch)
         self._drafts[:batch] = drafts
-        self._draft_logq[:batch] = logq
-        return self._commit_window(active, tokens, logprobs, accepted, routing, params)
+        if logq is not None:
+            self._draft_logq[:batch] = logq
+        return self._commit_window(active, committed, offsets, routing, params)
 
     def _speculative_forward(self, params: SamplingParams, batch: int) -> tuple[torch.Tensor, ...]:
         """Verify, accept and draft on the static inputs of rows 0..batch-1, without a host sync (one CUDA
         graph per batch bucket and set of sampling filters). Reads the drafts from the static inputs and
         returns the next ones rather than overwriting them, so a run is repeatable (capture warm-up).
 
-        Returns (tokens [b, k+1], log-probs [b, k+1], accepted [b]: see :func:`verify_drafts`; the next
-        drafts [b, k] and their log-distributions [b, k, V]; expert ids [L_moe, b, W, k]).
+        Returns (fp64 [b, 2k+3]: tokens [k+1], log-probs [k+1] and accepted, see :func:`verify_drafts`, packed
+        for one device-to-host copy; the next drafts [b, k] and, when sampling, their log-distributions
+        [b, k, V] (None when greedy: unused); expert ids [L_moe, b, W, k]).
         """
-        k, offsets = self.speculative_tokens, self._offsets[:batch]
-        keys, steps = self._keys[:batch], self._steps[:batch]
+        k = self.speculative_tokens
+        offsets, keys, steps = self._unpack_window(batch)
         logits, routing = self._verify_forward(batch)  # [b, W, V] fp32, [L_moe, b, W, k]
-        rows = torch.arange(batch, device=self.device)
-        predicting = (offsets - 1).unsqueeze(1) + torch.arange(k + 1, device=self.device)  # [b, k+1] window index
+        rows = self._arange[:batch]
+        predicting = (offsets - 1).unsqueeze(1) + self._arange[:k + 1]  # [b, k+1] window index
         drafted = self._tokens[:batch].gather(1, predicting[:, 1:])  # the drafts under verification [b, k]
         tokens, logprobs, accepted = verify_drafts(
             logits.gather(1, predicting.unsqueeze(-1).expand(-1, -1, logits.shape[-1])), drafted,
@@ -467,29 +472,38 @@ class Engine:
                                                        ext, anchor, keys, steps + accepted + 1, params)
         self._draft_beyond_depths(drafts, logq, last_hidden, self._positions[rows, anchor], keys,
                                   steps + accepted + 1, params, self.cache)
-        return tokens, logprobs, accepted, torch.stack(drafts, dim=1), torch.stack(logq, dim=1), routing
+        committed = torch.cat([tokens.double(), logprobs.double(), accepted.double().unsqueeze(1)], dim=1)
+        return committed, torch.stack(drafts, dim=1), None if params.greedy else torch.stack(logq, dim=1), routing
 
-    def _window_inputs(self, active: list[_Sequence], batch: int) -> None:
-        """Write each row's verify window, committed-token count and noise inputs into the static inputs.
+    def _window_inputs(self, active: list[_Sequence], batch: int) -> list[int]:
+        """Write each row's verify window, committed-token count and noise inputs into the static input
+        ``_window_in`` (one host-to-device copy); returns the committed-token counts.
 
         A row's window covers positions [c - D, c + d) for c committed tokens: its last D committed tokens
-        (fewer at the very start), then its d drafts, then padding. Spare rows hold token 0 from position 0.
+        (fewer at the very start), then its d drafts (scattered in on the device), then padding. Spare rows
+        hold token 0 from position 0.
         """
-        D, k = self.draft_depths, self.speculative_tokens
-        ids = torch.zeros(batch, D + k, dtype=torch.long)
-        starts, offsets = torch.zeros(batch, dtype=torch.long), torch.ones(batch, dtype=torch.long)
-        for row, s in enumerate(active):
+        D, W = self.draft_depths, self._tokens.shape[1]
+        rows = []
+        for s in active:
             tail = _last_tokens(s, min(D, s.length))
-            ids[row, : len(tail)] = torch.tensor(tail)
-            starts[row], offsets[row] = s.length - len(tail), len(tail)
-        self._tokens[:batch].copy_(ids)
-        self._positions[:batch].copy_(starts.unsqueeze(1) + torch.arange(D + k))
-        self._offsets[:batch].copy_(offsets)
-        keys, steps = self._noise_inputs(active, batch)
-        self._keys[:batch].copy_(keys)
-        self._steps[:batch].copy_(steps)
-        draft_slots = self._offsets[:batch].unsqueeze(1) + torch.arange(k, device=self.device)
-        self._tokens[:batch].scatter_(1, draft_slots, self._drafts[:batch])
+            rows.append(tail + [0] * (W - len(tail))
+                        + [s.length - len(tail), len(tail), s.noise_key, len(s.completion.token_ids)])
+        rows += [[0] * W + [0, 1, 0, 0]] * (batch - len(active))
+        self._window_in[:batch].copy_(torch.tensor(rows))
+        return [r[W + 1] for r in rows]
+
+    def _unpack_window(self, batch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """In the step (captured): the window tokens with the drafts after the committed ones and the positions
+        into the static inputs; returns (committed tokens in the window, noise keys, generated counts) [b]."""
+        k, W = self.speculative_tokens, self._tokens.shape[1]
+        window = self._window_in[:batch]
+        start, offsets, keys, steps = window[:, W:].unbind(1)
+        tokens = self._tokens[:batch]
+        tokens.copy_(window[:, :W])
+        tokens.scatter_(1, offsets.unsqueeze(1) + self._arange[:k], self._drafts[:batch])
+        torch.add(start.unsqueeze(1), self._arange[:W], out=self._positions[:batch])
+        return offsets, keys, steps
 
     def _verify_forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The main model over the static windows of rows 0..batch-1: (logits [b, W, V] fp32, expert ids
@@ -512,7 +526,7 @@ class Engine:
                                       self._ext[:batch, depth: depth + width], position_ids=self._positions[:batch],
                                       kv_cache=self.cache)
         self._depth_inputs[depth][:batch] = h
-        at_draft = h[torch.arange(batch, device=self.device), self._anchor[:batch]]
+        at_draft = h[self._arange[:batch], self._anchor[:batch]]
         return self.model.lm_head(at_draft).float(), at_draft
 
     def _draft_depths(self, run_depth, ext: torch.Tensor, anchor: torch.Tensor, keys: torch.Tensor,
@@ -523,10 +537,10 @@ class Engine:
         run_depth(j): runs depth j over the window, returns (head logits [b, V] fp32, hidden [b, H]) at the
         draft position; ext [b, W + D]: the window's tokens that it reads, the last committed one at
         anchor + 1 (drafts are written after it); anchor [b]: window index of the draft position; steps [b]:
-        generated index of draft 1. Returns (D drafts [b], their filtered log-distributions [b, V], depth
-        D's hidden at the draft position [b, 1, H]).
+        generated index of draft 1. Returns (D drafts [b], their filtered log-distributions [b, V] (None when
+        greedy), depth D's hidden at the draft position [b, 1, H]).
         """
-        rows = torch.arange(ext.shape[0], device=self.device)
+        rows = self._arange[:ext.shape[0]]
         drafts, logq = [], []
         for depth in range(1, self.draft_depths + 1):
             logits, hidden = run_depth(depth)
@@ -554,19 +568,23 @@ class Engine:
 
     def _draw_draft(self, logits: torch.Tensor, keys: torch.Tensor, steps: torch.Tensor, params: SamplingParams
                     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Draw a draft from MTP head logits [b, V] fp32: (tokens [b], filtered log-distribution [b, V])."""
-        logq = filtered_logprobs(logits, params)
+        """Draw a draft from MTP head logits [b, V] fp32: (tokens [b], filtered log-distribution [b, V]; None when
+        greedy, where the acceptance rule does not read it)."""
         if params.greedy:
-            return logits.argmax(-1), logq
+            return logits.argmax(-1), None
+        logq = filtered_logprobs(logits, params)
         noise = gumbel_noise(keys ^ _DRAFT_SALT, steps, self._noise_basis(logits.shape[-1]))
         return (logq + noise).argmax(-1), logq
 
-    def _commit_window(self, active: list[_Sequence], tokens: torch.Tensor, logprobs: torch.Tensor,
-                       accepted: torch.Tensor, routing: torch.Tensor, params: SamplingParams) -> list[Event]:
-        """Append each row's accepted drafts and correction token, cutting at a stop (the step's host sync)."""
-        count = len(active)
-        tokens, logprobs, accepted, offsets = (t[:count].tolist() for t in (tokens, logprobs, accepted,
-                                                                            self._offsets))
+    def _commit_window(self, active: list[_Sequence], committed: torch.Tensor, offsets: list[int],
+                       routing: torch.Tensor, params: SamplingParams) -> list[Event]:
+        """Append each row's accepted drafts and correction token, cutting at a stop (the step's host sync).
+        committed: :meth:`_speculative_forward`'s packed tokens, log-probs and accepted counts."""
+        count, width = len(active), self.speculative_tokens + 1
+        packed = committed[:count].tolist()
+        tokens = [[int(t) for t in row[:width]] for row in packed]
+        logprobs = [row[width:2 * width] for row in packed]
+        accepted = [int(row[-1]) for row in packed]
         keep_routing = params.return_expert_ids and self.moe_layers
         if keep_routing:
             routing = routing[:, :count].cpu()  # [L_moe, count, W, k]
