@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import datetime
 import json
+import math
 import os
 import socket
 import subprocess
@@ -25,6 +26,8 @@ from torch.distributed.tensor import DTensor
 
 from ringkern import Engine, RingConfig, RingFlashModel, SamplingParams, ops
 from ringkern.checkpoint import load_pretrained
+from ringkern.reward_model import PreferenceDataset, PreferencePair, RewardModel, train_reward_model
+from ringkern.tokenizer import load_tiny_tokenizer
 from ringkern.distributed import (dcp_to_pretrained, dispatch_plan, expert_parallel_moe, init_mesh, load_sharded,
                                   parallelize, parallelize_for_inference, pretrained_to_dcp, save_pretrained_sharded,
                                   save_sharded)
@@ -227,8 +230,30 @@ def check_greedy_decode(rank: int, world: int, _: Path) -> None:
         assert_close(torch.tensor(c.logprobs), torch.tensor(e.logprobs), "logprobs", 1e-4)
 
 
+def check_reward_model_data_parallel(rank: int, world: int, _: Path) -> None:
+    """A reward model from the sharded policy is the whole policy on every rank; data-parallel training keeps
+    the ranks' copies identical and moves them (each rank trains on its own pairs)."""
+    mesh = init_mesh(DEVICE.type)
+    reference = RewardModel.from_policy(seeded_model(0))
+    model = RewardModel.from_policy(parallelize(seeded_model(0), mesh))
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        if name != "score_head.weight":  # the head is freshly drawn
+            assert torch.equal(p.detach(), q.detach()), f"{name} differs from the unsharded policy"
+    pairs = [PreferencePair(f"What is {i} + 1?", f"\\boxed{{{i + 1}}}", f"\\boxed{{{i + 2}}}") for i in range(8)]
+    data = PreferenceDataset(pairs, load_tiny_tokenizer(), max_length=48)
+    before = [p.detach().clone() for p in model.parameters()]
+    result = train_reward_model(model, data, steps=2, batch_size=2, seed=rank)  # ranks draw in their own order
+    assert all(math.isfinite(x) for x in result["losses"])
+    assert any(not torch.equal(p.detach(), b) for p, b in zip(model.parameters(), before))
+    flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()]
+                     + [b.float().reshape(-1) for b in model.buffers()])
+    copies = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(copies, flat)
+    assert all(torch.equal(c, flat) for c in copies), "the ranks' reward models differ after training"
+
+
 CHECKS = {f.__name__: f for f in (check_forward_backward, check_dispatch_uneven, check_checkpoint_round_trip,
-                                  check_greedy_decode)}
+                                  check_greedy_decode, check_reward_model_data_parallel)}
 
 
 # ------------------------------------------------------------------------------------------ the harness
@@ -318,6 +343,10 @@ def test_expert_parallel_greedy_decode_matches_single_process(job):
     assert_check(job(2), "check_greedy_decode")
 
 
+def test_reward_model_from_sharded_policy_trains_data_parallel(job):
+    assert_check(job(2), "check_reward_model_data_parallel")
+
+
 TRAIN_YAML = """
 run: {{out_dir: {out}, seed: 0, threads: 1, save_every: 2, progress: false}}
 model:
@@ -356,3 +385,29 @@ def test_trainer_runs_under_torchrun(tmp_path):
     assert (state / ".metadata").is_file() and len(list(state.glob("*.distcp"))) == 2
     model = load_pretrained(out / "sft" / "model")
     assert model.config.num_experts == 8
+
+
+RLHF_YAML = TRAIN_YAML + """reward_model: {{num_pairs: 16, eval_fraction: 0.25, steps: 2, batch_size: 2}}
+rlhf:
+  grpo: {{steps: 1, prompts_per_step: 2, group_size: 2, max_new_tokens: 4, minibatch_size: 4}}
+"""
+
+
+def test_rlhf_stage_runs_under_torchrun(tmp_path):
+    """`torchrun -m ringkern train --stage rlhf` with 2 gloo ranks: the reward model (gathered from the sharded
+    policy, trained data parallel) is logged and saved once, then one GRPO step on its scores."""
+    out = tmp_path / "run"
+    config = tmp_path / "train.yaml"
+    config.write_text(RLHF_YAML.format(out=out))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
+           str(_free_port()), "-m", "ringkern", "train", "--config", str(config), "--stage", "rlhf"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-4000:]
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rm_train = [r for r in records if r.get("stage") == "reward_model" and r["kind"] == "train"]
+    assert [r["step"] for r in rm_train] == [1, 2] and all(math.isfinite(r["loss"]) for r in rm_train)
+    assert any(r.get("stage") == "rlhf" and r["kind"] == "eval" for r in records)
+    reward_model = RewardModel.from_pretrained(out / "rlhf" / "reward_model")
+    assert reward_model.config.num_experts == 8
+    assert load_pretrained(out / "rlhf" / "model").config.num_experts == 8

@@ -27,11 +27,14 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import RingConfig
+from .distributed import gather_full_copy, is_parallelized
+from .distributed import mesh as dist_mesh
 from .model import RingFlashModel, update_expert_biases
 from .rewards import FLAW_KINDS, Problem, flawed_solution, worked_solution
 from .tokenizer import RingTokenizer
@@ -56,8 +59,10 @@ class RewardModel(nn.Module):
 
     @classmethod
     def from_policy(cls, policy: RingFlashModel) -> "RewardModel":
-        """A reward model whose backbone starts as a copy of ``policy`` (e.g. the SFT model)."""
-        return cls(backbone=copy.deepcopy(policy)).to(device=policy.lm_head.weight.device)
+        """A reward model whose backbone starts as a copy of ``policy`` (e.g. the SFT model). A parallelized
+        policy (under torchrun) is gathered: every rank gets a whole, unsharded copy."""
+        backbone = gather_full_copy(policy) if is_parallelized(policy) else copy.deepcopy(policy)
+        return cls(backbone=backbone).to(device=backbone.lm_head.weight.device)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.forward_with_routing(input_ids, attention_mask)[0]
@@ -263,14 +268,22 @@ def train_reward_model(model: RewardModel, train_pairs: PreferenceDataset, *, st
     Every ``eval_every`` steps (and at the end) with ``eval_pairs``: held-out accuracy. ``log`` gets one
     dict per step (step, loss, accuracy of the batch, lr, grad_norm, and eval_accuracy when measured).
     Returns {"steps", "final_loss", "losses", "eval_accuracy" (last, or None), "eval_history"}.
+
+    Under torch.distributed with several ranks (each holding the same whole model): data parallel. Each
+    rank draws its minibatches from its own shard of the pairs; gradients, loss and accuracy are averaged
+    and the per-expert token counts summed over the ranks before the update, so every rank takes the
+    same step (a step sees world_size x batch_size pairs).
     """
     if steps <= 0 or batch_size <= 0 or lr <= 0:
         raise ValueError(f"steps={steps}, batch_size={batch_size}, lr={lr}: expected positive values")
     _check_pairs("train_pairs", train_pairs)
     if eval_pairs is not None:
         _check_pairs("eval_pairs", eval_pairs)
+    world = dist_mesh.world_size()
+    if len(train_pairs) < world:
+        raise ValueError(f"train_pairs: {len(train_pairs)} pairs for {world} ranks; expected at least one per rank")
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    order = _shuffled_batches(len(train_pairs), batch_size, seed)
+    order = _shuffled_batches(list(range(dist_mesh.rank(), len(train_pairs), world)), batch_size, seed)
     losses, history = [], []
     model.train()
     for step in range(1, steps + 1):
@@ -280,11 +293,14 @@ def train_reward_model(model: RewardModel, train_pairs: PreferenceDataset, *, st
         loss = bradley_terry_loss(chosen, rejected)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        loss, accuracy = loss.detach(), (chosen > rejected).float().mean()
+        if world > 1:
+            loss, accuracy = _average_over_ranks(model, tokens_per_expert, loss, accuracy)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
         optimizer.step()
         update_expert_biases(model.backbone, tokens_per_expert, rate=expert_bias_rate)
         losses.append(loss.item())
-        record = {"step": step, "loss": losses[-1], "accuracy": (chosen > rejected).float().mean().item(),
+        record = {"step": step, "loss": losses[-1], "accuracy": accuracy.item(),
                   "lr": optimizer.param_groups[0]["lr"], "grad_norm": float(grad_norm)}
         if eval_pairs is not None and ((eval_every and step % eval_every == 0) or step == steps):
             record["eval_accuracy"] = evaluate_reward_model(model, eval_pairs, batch_size=2 * batch_size)
@@ -295,6 +311,23 @@ def train_reward_model(model: RewardModel, train_pairs: PreferenceDataset, *, st
             "eval_accuracy": history[-1][1] if history else None, "eval_history": history}
 
 
+def _average_over_ranks(model: nn.Module, tokens_per_expert: dict[int, torch.Tensor],
+                        *metrics: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """Data parallelism of :func:`train_reward_model`: all-reduce the gradients (mean; parameters without a
+    gradient, such as the unused lm_head, have none on every rank), the token counts (sum, in place) and
+    ``metrics`` (scalars, mean)."""
+    world = dist.get_world_size()
+    for p in model.parameters():
+        if p.grad is not None:
+            dist.all_reduce(p.grad)
+            p.grad.div_(world)
+    for counts in tokens_per_expert.values():
+        dist.all_reduce(counts)
+    stacked = torch.stack([m.float() for m in metrics])
+    dist.all_reduce(stacked)
+    return tuple((stacked / world).unbind())
+
+
 def _check_pairs(name: str, pairs) -> None:
     if not isinstance(pairs, PreferenceDataset):
         raise ValueError(f"{name}: expected a PreferenceDataset (tokenized pairs), got {type(pairs).__name__}")
@@ -302,13 +335,13 @@ def _check_pairs(name: str, pairs) -> None:
         raise ValueError(f"{name}: no pairs")
 
 
-def _shuffled_batches(n: int, batch_size: int, seed: int):
-    """Endless minibatches of indices: a fresh permutation per epoch (seeded), the last short batch kept."""
+def _shuffled_batches(indices: Sequence[int], batch_size: int, seed: int):
+    """Endless minibatches of ``indices``: a fresh permutation per epoch (seeded), the last short batch kept."""
     generator = torch.Generator().manual_seed(seed)
     while True:
-        perm = torch.randperm(n, generator=generator).tolist()
-        for start in range(0, n, batch_size):
-            yield perm[start: start + batch_size]
+        perm = torch.randperm(len(indices), generator=generator).tolist()
+        for start in range(0, len(indices), batch_size):
+            yield [indices[i] for i in perm[start: start + batch_size]]
 
 
 @torch.no_grad()

@@ -5,12 +5,16 @@
    :func:`ringkern.reward_model.generate_preference_pairs`). The last ``eval_fraction`` of them is held out.
 2. The reward model (:class:`ringkern.reward_model.RewardModel`: the policy's architecture and weights
    plus a scalar head on the final token) is trained with the Bradley-Terry loss and scored by its
-   held-out pair accuracy; it is saved to ``<out_dir>/rlhf/reward_model``.
+   held-out pair accuracy; it is saved to ``<out_dir>/rlhf/reward_model``. Under torchrun every rank holds
+   the whole reward model (gathered from the sharded policy) and trains it data parallel.
 3. GRPO + IcePop (``rlhf.grpo``) with reward = weighted mean of sigmoid(RM score) and the rule reward
    (``rlhf.rm_weight``, ``rlhf.rule_weight``; a zero weight drops the term).
 """
 from __future__ import annotations
 
+import torch.distributed as dist
+
+from ..distributed import mesh as dist_mesh
 from ..reward_model import (PreferenceDataset, RewardModel, RewardModelReward, evaluate_reward_model,
                             generate_preference_pairs, read_preference_jsonl, train_reward_model)
 from ..rewards import CompositeReward, VerifiableReward
@@ -56,7 +60,10 @@ def train_stage_reward_model(s: StageSetup, policy) -> tuple[RewardModel, dict[s
         summary = {"rm_accuracy_before": before, "rm_accuracy": result["eval_accuracy"],
                    "rm_eval_pairs": float(len(eval_pairs)), "rm_train_pairs": float(len(train_pairs))}
         logger.log(cfg.steps, summary, kind="eval")
-    model.save_pretrained(stage_dir(s.cfg, "rlhf") / REWARD_MODEL_DIR, tokenizer=s.tokenizer)
+    if dist_mesh.is_main_process():  # under torchrun every rank holds the same whole reward model
+        model.save_pretrained(stage_dir(s.cfg, "rlhf") / REWARD_MODEL_DIR, tokenizer=s.tokenizer)
+    if dist_mesh.is_distributed():
+        dist.barrier()
     return model, summary
 
 

@@ -120,9 +120,6 @@ def run_stages(cfg: TrainConfig, stage: str) -> dict[str, dict[str, float]]:
     runners = {"sft": run_sft, "rlvr": run_rlvr, "rlhf": run_rlhf}
     if stage != "all" and stage not in runners:
         raise ValueError(f"stage={stage!r}: expected one of {STAGES + ('all',)}")
-    if stage in ("rlhf", "all") and dist_mesh.launched_by_torchrun():
-        raise NotImplementedError(f"stage={stage!r} under torchrun: the RLHF stage copies the policy into a "
-                                  "reward model, which a sharded policy does not support yet; run sft and rlvr")
     s = setup(cfg)
     return {name: runners[name](s) for name in (STAGES if stage == "all" else (stage,))}
 
