@@ -11,7 +11,8 @@ Data: SFT examples are sharded by rank (:func:`ringkern.distributed.mesh.shard_f
 trains on world_size x batch_size examples. GRPO runs every rank on the same prompts and seeds:
 rollouts and updates are identical on all ranks (the Engine's replicated-token expert parallelism
 needs it, and so does the lockstep of the all-to-alls), so the ranks split the experts' memory and
-work, not the rollouts. Only rank 0 writes logs, metrics and plots.
+work, not the rollouts. RLHF's reward model is gathered whole on every rank and trained data parallel
+(:func:`ringkern.reward_model.train_reward_model`). Only rank 0 writes logs, metrics and plots.
 """
 from __future__ import annotations
 
