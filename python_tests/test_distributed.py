@@ -27,7 +27,10 @@ from torch.distributed.tensor import DTensor
 from ringkern import Engine, RingConfig, RingFlashModel, SamplingParams, ops
 from ringkern.checkpoint import load_pretrained
 from ringkern.reward_model import PreferenceDataset, PreferencePair, RewardModel, train_reward_model
+from ringkern.rewards import Problem
 from ringkern.tokenizer import load_tiny_tokenizer
+from ringkern.train.config import GRPOConfig
+from ringkern.train.grpo import RolloutPolicy, sample_rollouts
 from ringkern.distributed import (dcp_to_pretrained, dispatch_plan, expert_parallel_moe, init_mesh, load_sharded,
                                   parallelize, parallelize_for_inference, pretrained_to_dcp, save_pretrained_sharded,
                                   save_sharded)
@@ -252,8 +255,35 @@ def check_reward_model_data_parallel(rank: int, world: int, _: Path) -> None:
     assert all(torch.equal(c, flat) for c in copies), "the ranks' reward models differ after training"
 
 
+def check_data_parallel_rollouts(rank: int, world: int, _: Path) -> None:
+    """GRPO rollouts with rollout_parallelism="data": each rank decodes only its share of the prompts (5 over
+    the ranks: uneven) on a whole copy of the sharded policy, and every rank gets all the rollouts in
+    prompt order, equal to one process decoding them all (greedy, so the draws are comparable)."""
+    mesh = init_mesh(DEVICE.type)
+    tokenizer = load_tiny_tokenizer()
+    problems = [Problem(f"What is {i} + 1?", str(i + 1)) for i in range(5)]
+    prompt_ids = [tokenizer.encode_chat([{"role": "user", "content": p.prompt}]) for p in problems]
+    cfg = GRPOConfig(group_size=2, max_new_tokens=6, temperature=0.0)
+
+    def reward(_problems, texts):
+        return [float(len(t)) for t in texts]
+
+    single = RolloutPolicy(seeded_model(0), torch.float32, max_batch=10, max_seq_len=64, tokenizer=tokenizer)
+    expected, expected_texts = sample_rollouts(single, tokenizer, problems, prompt_ids, reward, cfg, seed=0)
+    policy = RolloutPolicy(parallelize(seeded_model(0), mesh), torch.float32, max_batch=6, max_seq_len=64,
+                           tokenizer=tokenizer, data_parallel=True)
+    got, texts = sample_rollouts(policy, tokenizer, problems, prompt_ids, reward, cfg, seed=0)
+    assert texts == expected_texts
+    assert ([(r.prompt_ids, r.response_ids, r.reward) for r in got]
+            == [(r.prompt_ids, r.response_ids, r.reward) for r in expected])
+    for a, b in zip(got, expected):
+        assert_close(a.rollout_logprobs, b.rollout_logprobs, "rollout log-probs")
+    assert policy.engine.stats.prefill_tokens == sum(len(prompt_ids[i]) for i in range(rank, 5, world))
+
+
 CHECKS = {f.__name__: f for f in (check_forward_backward, check_dispatch_uneven, check_checkpoint_round_trip,
-                                  check_greedy_decode, check_reward_model_data_parallel)}
+                                  check_greedy_decode, check_reward_model_data_parallel,
+                                  check_data_parallel_rollouts)}
 
 
 # ------------------------------------------------------------------------------------------ the harness
@@ -347,6 +377,10 @@ def test_reward_model_from_sharded_policy_trains_data_parallel(job):
     assert_check(job(2), "check_reward_model_data_parallel")
 
 
+def test_data_parallel_rollouts_match_single_process(job):
+    assert_check(job(2), "check_data_parallel_rollouts")
+
+
 TRAIN_YAML = """
 run: {{out_dir: {out}, seed: 0, threads: 1, save_every: 2, progress: false}}
 model:
@@ -389,13 +423,15 @@ def test_trainer_runs_under_torchrun(tmp_path):
 
 RLHF_YAML = TRAIN_YAML + """reward_model: {{num_pairs: 16, eval_fraction: 0.25, steps: 2, batch_size: 2}}
 rlhf:
-  grpo: {{steps: 1, prompts_per_step: 2, group_size: 2, max_new_tokens: 4, minibatch_size: 4}}
+  grpo: {{steps: 1, prompts_per_step: 2, group_size: 2, max_new_tokens: 4, minibatch_size: 4,
+         rollout_parallelism: data}}
 """
 
 
 def test_rlhf_stage_runs_under_torchrun(tmp_path):
     """`torchrun -m ringkern train --stage rlhf` with 2 gloo ranks: the reward model (gathered from the sharded
-    policy, trained data parallel) is logged and saved once, then one GRPO step on its scores."""
+    policy, trained data parallel) is logged and saved once, then one GRPO step on its scores with
+    data-parallel rollouts (one prompt per rank)."""
     out = tmp_path / "run"
     config = tmp_path / "train.yaml"
     config.write_text(RLHF_YAML.format(out=out))

@@ -90,10 +90,15 @@ class _FullState:
         return self._state
 
 
+def gather_full_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The whole state dict of a parallelized ``model`` on every rank (device tensors); every rank calls it."""
+    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+
+
 def gather_full_copy(model: RingFlashModel) -> RingFlashModel:
     """An unsharded copy of a parallelized ``model`` on every rank (same device and dtype); every rank calls
     it. For a model that each rank must hold whole, e.g. a reward model that starts from the policy."""
-    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    state = gather_full_state(model)
     reference = next(iter(state.values()))
     copy = RingFlashModel(model.config).to(device=reference.device, dtype=reference.dtype)
     copy.load_state_dict(state)
@@ -143,4 +148,4 @@ def pretrained_to_dcp(src_dir: str | os.PathLike, dcp_dir: str | os.PathLike, *,
     return dcp_dir
 
 
-__all__ = ["save_sharded", "load_sharded", "gather_full_copy", "save_pretrained_sharded", "dcp_to_pretrained", "pretrained_to_dcp"]
+__all__ = ["save_sharded", "load_sharded", "gather_full_copy", "gather_full_state", "save_pretrained_sharded", "dcp_to_pretrained", "pretrained_to_dcp"]

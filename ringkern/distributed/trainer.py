@@ -8,10 +8,11 @@
 - :func:`save_model`: the published format, gathered to rank 0 and written there.
 
 Data: SFT examples are sharded by rank (:func:`ringkern.distributed.mesh.shard_for_rank`), so a step
-trains on world_size x batch_size examples. GRPO runs every rank on the same prompts and seeds:
-rollouts and updates are identical on all ranks (the Engine's replicated-token expert parallelism
-needs it, and so does the lockstep of the all-to-alls), so the ranks split the experts' memory and
-work, not the rollouts. RLHF's reward model is gathered whole on every rank and trained data parallel
+trains on world_size x batch_size examples. GRPO's updates run every rank on the same rollouts (the
+lockstep of the all-to-alls needs it), so the ranks split the experts' memory and work. Its rollouts
+by default run the same prompts on every rank (the Engine's replicated-token expert parallelism); with
+``rollout_parallelism: data`` each rank decodes its share of the prompts on a whole copy of the policy
+(gathered before each rollout; the model must fit a device) and the rollouts are all-gathered. RLHF's reward model is gathered whole on every rank and trained data parallel
 (:func:`ringkern.reward_model.train_reward_model`). Only rank 0 writes logs, metrics and plots.
 """
 from __future__ import annotations

@@ -5,7 +5,9 @@ One RL step, in order:
 1. Rollouts. The :class:`ringkern.engine.Engine` samples G completions for each of P prompts from the
    current policy and returns pi_infer, the fp32 log-prob of every sampled token under the engine's
    own numerics (optionally a bf16 copy of the policy: ``model.rollout_dtype``). An optional Gaussian
-   perturbation of those log-probs injects a controlled train-inference mismatch.
+   perturbation of those log-probs injects a controlled train-inference mismatch. Under torchrun the
+   ranks decode every prompt together on the expert-parallel policy, or (``rollout_parallelism="data"``)
+   each rank decodes its share on a whole copy and the rollouts are gathered; the update is the same.
 2. Rewards and group advantages: A_i = (R_i - mean_group) / (std_group + eps). A group whose rewards
    are all equal has A = 0 everywhere: it carries no gradient, so it is dropped before the update
    instead of diluting the per-sequence mean.
@@ -29,8 +31,11 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+import torch.distributed as dist
 
 from .. import ops
+from ..distributed import gather_full_copy, gather_full_state, is_parallelized
+from ..distributed import mesh as dist_mesh
 from ..engine import Completion, Engine, SamplingParams
 from ..model import RingFlashModel, update_expert_biases
 from ..rewards import Problem, RewardFn
@@ -41,6 +46,7 @@ from .logging import RunLogger
 from .state import NonFiniteGuard, TrainingState, latest_state, load_state, optimizer_step, save_state
 
 Evaluator = Callable[[RingFlashModel], dict[str, float]]
+ROLLOUT_PARALLELISM = ("replicated", "data")
 
 
 @dataclass
@@ -214,28 +220,65 @@ def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor, mask: torch.Tensor) -> tor
 # ------------------------------------------------------------------------------------- rollouts
 class RolloutPolicy:
     """The Engine over the policy. In the trainer's dtype it shares the model; otherwise it runs a copy
-    cast to ``dtype`` (e.g. bf16) whose weights are refreshed from the policy before each rollout."""
+    cast to ``dtype`` (e.g. bf16) whose weights are refreshed from the policy before each rollout.
+
+    data_parallel (a parallelized policy under torchrun): the copy is whole on every rank, gathered from
+    the shards before each rollout, so each rank decodes its own prompts (:func:`sample_rollouts`)
+    instead of all ranks decoding the same ones in lockstep on the expert-parallel policy.
+    """
 
     def __init__(self, model: RingFlashModel, dtype: torch.dtype, *, max_batch: int, max_seq_len: int,
-                 tokenizer: RingTokenizer):
+                 tokenizer: RingTokenizer, data_parallel: bool = False):
         self.model = model
-        self.copy = None if dtype == model.lm_head.weight.dtype else copy.deepcopy(model).to(dtype)
+        self.data_parallel = data_parallel and is_parallelized(model)
+        if self.data_parallel:
+            self.copy = gather_full_copy(model).to(dtype)
+        else:
+            self.copy = None if dtype == model.lm_head.weight.dtype else copy.deepcopy(model).to(dtype)
         self.engine = Engine(self.copy or model, max_batch=max_batch, max_seq_len=max_seq_len, tokenizer=tokenizer)
 
     @torch.no_grad()
     def sync(self) -> None:
         if self.copy is not None:
-            self.copy.load_state_dict(self.model.state_dict())
+            self.copy.load_state_dict(gather_full_state(self.model) if self.data_parallel else self.model.state_dict())
 
     def generate(self, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
-        self.sync()
+        """Completions from the engine; call :meth:`sync` first (on every rank when data parallel)."""
         return self.engine.generate(prompts, params)
 
 
 def sample_rollouts(policy: RolloutPolicy, tokenizer: RingTokenizer, problems: Sequence[Problem],
                     prompt_ids: Sequence[list[int]], reward_fn: RewardFn, cfg: GRPOConfig, seed: int
                     ) -> tuple[list[Rollout], list[str]]:
-    """G completions per problem, scored by ``reward_fn``; returns (rollouts prompt-major, decoded texts)."""
+    """G completions per problem, scored by ``reward_fn``; returns (rollouts prompt-major, decoded texts).
+
+    With a data-parallel policy, rank r samples and scores problems r, r + W, ... (its own seed) and every
+    rank gets all the rollouts back, in the same prompt-major order, for an identical update everywhere.
+    """
+    policy.sync()
+    if not policy.data_parallel:
+        return _sample_and_score(policy, tokenizer, problems, prompt_ids, reward_fn, cfg, seed)
+    rank, world = dist_mesh.rank(), dist_mesh.world_size()
+    mine = list(range(rank, len(problems), world))
+    local = _sample_and_score(policy, tokenizer, [problems[i] for i in mine], [prompt_ids[i] for i in mine],
+                              reward_fn, cfg, seed * world + rank)
+    shares = [None] * world
+    dist.all_gather_object(shares, (mine, *local))  # between the job's own ranks: trusted objects
+    groups: dict[int, tuple[list[Rollout], list[str]]] = {}
+    G = cfg.group_size
+    for indices, rollouts, texts in shares:
+        for j, i in enumerate(indices):
+            groups[i] = (rollouts[j * G:(j + 1) * G], texts[j * G:(j + 1) * G])
+    return ([r for i in range(len(problems)) for r in groups[i][0]],
+            [t for i in range(len(problems)) for t in groups[i][1]])
+
+
+def _sample_and_score(policy: RolloutPolicy, tokenizer: RingTokenizer, problems: Sequence[Problem],
+                      prompt_ids: Sequence[list[int]], reward_fn: RewardFn, cfg: GRPOConfig, seed: int
+                      ) -> tuple[list[Rollout], list[str]]:
+    """:func:`sample_rollouts` on this process's engine alone."""
+    if not problems:
+        return [], []
     params = SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, seed=seed, n=cfg.group_size,
                             max_new_tokens=cfg.max_new_tokens, stop_token_ids=(tokenizer.eos_token_id,),
                             return_expert_ids=cfg.routing_replay)
@@ -338,8 +381,12 @@ def train_grpo(model: RingFlashModel, cfg: GRPOConfig, ctx: GRPOContext) -> list
     """Run ``cfg.steps`` GRPO steps on ``model`` in place; returns the per-step metrics."""
     tok = ctx.tokenizer
     prompt_ids = [tok.encode_chat([{"role": "user", "content": p.prompt}]) for p in ctx.problems]
-    policy = RolloutPolicy(model, ctx.rollout_dtype, max_batch=cfg.prompts_per_step * cfg.group_size,
-                           max_seq_len=ctx.max_seq_len, tokenizer=tok)
+    if cfg.rollout_parallelism not in ROLLOUT_PARALLELISM:
+        raise ValueError(f"rollout_parallelism={cfg.rollout_parallelism!r}: expected one of {ROLLOUT_PARALLELISM}")
+    data_parallel = cfg.rollout_parallelism == "data"
+    prompts_per_rank = -(-cfg.prompts_per_step // dist_mesh.world_size()) if data_parallel else cfg.prompts_per_step
+    policy = RolloutPolicy(model, ctx.rollout_dtype, max_batch=prompts_per_rank * cfg.group_size,
+                           max_seq_len=ctx.max_seq_len, tokenizer=tok, data_parallel=data_parallel)
     reference = _frozen_copy(model) if cfg.kl_coef > 0 else None
     optimizer = make_optimizer(model, cfg.lr, cfg.weight_decay, ctx.device)
     scheduler = make_scheduler(optimizer, cfg.warmup_steps, cfg.steps)
