@@ -26,16 +26,16 @@ from torch.distributed.tensor import DTensor
 
 from ringkern import Engine, RingConfig, RingFlashModel, SamplingParams, ops
 from ringkern.checkpoint import load_pretrained
+from ringkern.distributed import (dcp_to_pretrained, dispatch_plan, expert_parallel_moe, init_mesh,
+                                  load_pretrained_sharded, load_sharded, parallelize, parallelize_for_inference,
+                                  pretrained_to_dcp, save_pretrained_sharded, save_sharded)
+from ringkern.distributed import mesh as mesh_module
 from ringkern.reward_model import PreferenceDataset, PreferencePair, RewardModel, train_reward_model
 from ringkern.rewards import Problem
 from ringkern.tokenizer import load_tiny_tokenizer
+from ringkern.train.common import make_optimizer, make_scheduler
 from ringkern.train.config import GRPOConfig
 from ringkern.train.grpo import RolloutPolicy, sample_rollouts
-from ringkern.distributed import (dcp_to_pretrained, dispatch_plan, expert_parallel_moe, init_mesh, load_sharded,
-                                  parallelize, parallelize_for_inference, pretrained_to_dcp, save_pretrained_sharded,
-                                  save_sharded)
-from ringkern.distributed import mesh as mesh_module
-from ringkern.train.common import make_optimizer, make_scheduler
 from ringkern.train.state import NonFiniteGuard, optimizer_step
 
 JOB_TIMEOUT_S = 240
@@ -219,6 +219,27 @@ def check_checkpoint_round_trip(rank: int, world: int, tmp: Path) -> None:
         assert torch.equal(full(p.detach()), full(q.detach())), f"{name} differs after the conversion round trip"
 
 
+def check_sharded_load(rank: int, world: int, tmp: Path) -> None:
+    """load_pretrained_sharded (each rank reads its shards) == parallelize(load_pretrained(...)): every
+    rank's shards, the gathered weights and a training forward."""
+    mesh = init_mesh(DEVICE.type)
+    if rank == 0:
+        seeded_model(5).save_pretrained(tmp / "published")
+    dist.barrier()
+    got = load_pretrained_sharded(tmp / "published", mesh, dtype=torch.float32, device=DEVICE)
+    expected = parallelize(load_pretrained(tmp / "published", dtype=torch.float32, device=DEVICE), mesh)
+    got_state, expected_state = got.state_dict(), expected.state_dict()
+    assert got_state.keys() == expected_state.keys()
+    for name, t in got_state.items():
+        want = expected_state[name]
+        local = (t.to_local(), want.to_local()) if isinstance(t, DTensor) else (t, want)
+        assert torch.equal(*local), f"{name}: this rank's shard differs"
+        assert torch.equal(full(t), full(want)), f"{name} differs"
+    batch = rank_batch(rank, tiny_config().vocab_size)
+    assert float(got.sft_loss(*batch[:2], attention_mask=batch[2])[0]) == float(
+        expected.sft_loss(*batch[:2], attention_mask=batch[2])[0])
+
+
 def check_greedy_decode(rank: int, world: int, _: Path) -> None:
     """Engine greedy decode with expert-parallel experts gives the single-process tokens (and log-probs)."""
     init_mesh(DEVICE.type)
@@ -282,7 +303,7 @@ def check_data_parallel_rollouts(rank: int, world: int, _: Path) -> None:
 
 
 CHECKS = {f.__name__: f for f in (check_forward_backward, check_dispatch_uneven, check_checkpoint_round_trip,
-                                  check_greedy_decode, check_reward_model_data_parallel,
+                                  check_sharded_load, check_greedy_decode, check_reward_model_data_parallel,
                                   check_data_parallel_rollouts)}
 
 
@@ -367,6 +388,10 @@ def test_expert_parallel_dispatch_uneven_and_empty(job, world):
 
 def test_dcp_round_trip_and_published_conversion(job):
     assert_check(job(2), "check_checkpoint_round_trip")
+
+
+def test_published_checkpoint_loads_sharded(job):
+    assert_check(job(2), "check_sharded_load")
 
 
 def test_expert_parallel_greedy_decode_matches_single_process(job):

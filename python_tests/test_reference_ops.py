@@ -6,7 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from ringkern import ops
-from ringkern.ops import reference as ref
 
 
 def _logit(p):

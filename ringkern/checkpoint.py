@@ -28,7 +28,7 @@ import uuid
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
@@ -154,7 +154,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _resolve_dtype(dtype: torch.dtype | str | None, config: RingConfig) -> torch.dtype:
+def resolve_dtype(dtype: torch.dtype | str | None, config: RingConfig) -> torch.dtype:
+    """The model dtype of a load: ``dtype``, else config.json's ``torch_dtype``."""
     value = config.torch_dtype if dtype is None else dtype
     if isinstance(value, torch.dtype):
         return value
@@ -283,7 +284,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, *, max_shard_size
     path = Path(path)
     _check_replaceable(path)
     state = model.state_dict()
-    entries = _published_entries(config, state, None if dtype is None else _resolve_dtype(dtype, config))
+    entries = _published_entries(config, state, None if dtype is None else resolve_dtype(dtype, config))
     shards = _plan_shards(entries, max_shard_size)
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -488,34 +489,48 @@ def load_pretrained(path: str | os.PathLike, *, dtype: torch.dtype | str | None 
     device, allocates it once on ``device`` and streams the shards in, one tensor at a time.
     """
     path = Path(path)
-    config_file = path / CONFIG_FILE
-    if not config_file.is_file():
-        raise CheckpointError(f"{path}: no {CONFIG_FILE}")
-    config = RingConfig.from_json(config_file)
-    target_dtype = _resolve_dtype(dtype, config)
-    tensors = checkpoint_tensors(path)
-    validate_checkpoint(tensors, config, where=str(path))
-
+    config, tensors = open_checkpoint(path)
     if model_cls is None:
         from .model import RingFlashModel as model_cls
     with torch.device("meta"):
         model = model_cls(config)
-    model.to(dtype=target_dtype)  # the routers keep expert_bias fp32 (Router._apply)
+    model.to(dtype=resolve_dtype(dtype, config))  # the routers keep expert_bias fp32 (Router._apply)
     model.to_empty(device=torch.device("cpu") if device is None else device)
+    state = model.state_dict()
+    fill_from_checkpoint(path, tensors, config, model, lambda name, dest: (dest.view(state), ()))
+    return model
 
+
+def open_checkpoint(path: Path) -> tuple[RingConfig, dict[str, TensorInfo]]:
+    """(config, tensors on disk) of a published checkpoint directory, validated (:class:`CheckpointError`)."""
+    config_file = path / CONFIG_FILE
+    if not config_file.is_file():
+        raise CheckpointError(f"{path}: no {CONFIG_FILE}")
+    config = RingConfig.from_json(config_file)
+    tensors = checkpoint_tensors(path)
+    validate_checkpoint(tensors, config, where=str(path))
+    return config, tensors
+
+
+def fill_from_checkpoint(path: Path, tensors: dict[str, TensorInfo], config: RingConfig, model: nn.Module,
+                         target: Callable[[str, Destination], tuple[torch.Tensor, tuple] | None]) -> None:
+    """Copy the checkpoint's tensors into an allocated (``to_empty``) ``model``, one tensor at a time.
+
+    target(name, destination) -> (the tensor to fill, the index of the part of the tensor on disk that
+    goes there, () for all of it), or None to skip it (a part another rank holds).
+    """
     state = model.state_dict()
     dests = {name: published_to_model(name, config) for name in tensors}
     unfilled = _unfilled(state, dests.values(), config)
     if unfilled:
-        raise CheckpointError(f"{model_cls.__name__} has tensors the published format does not hold: "
+        raise CheckpointError(f"{type(model).__name__} has tensors the published format does not hold: "
                               f"{_limited(unfilled)}")
-    _copy_tensors(path, tensors, dests, state)
+    _copy_tensors(path, tensors, lambda name: target(name, dests[name]))
     with torch.no_grad():
         for key, t in state.items():  # expert_bias of a config without router bias: not on disk
             if _is_expert_bias(key) and not config.moe_router_enable_expert_bias:
                 t.zero_()
     _reset_non_persistent(model)
-    return model
 
 
 def _unfilled(state: dict[str, torch.Tensor], dests: Iterable[Destination], config: RingConfig) -> list[str]:
@@ -524,8 +539,7 @@ def _unfilled(state: dict[str, torch.Tensor], dests: Iterable[Destination], conf
 
 
 @torch.no_grad()
-def _copy_tensors(path: Path, tensors: dict[str, TensorInfo], dests: dict[str, Destination],
-                  state: dict[str, torch.Tensor]) -> None:
+def _copy_tensors(path: Path, tensors: dict[str, TensorInfo], target) -> None:
     from safetensors import safe_open
 
     by_file: dict[str, list[str]] = {}
@@ -535,7 +549,9 @@ def _copy_tensors(path: Path, tensors: dict[str, TensorInfo], dests: dict[str, D
         try:
             with safe_open(str(path / fname), framework="pt", device="cpu") as f:
                 for name in by_file[fname]:
-                    dests[name].view(state).copy_(f.get_tensor(name))
+                    if (where := target(name)) is not None:
+                        dest, index = where
+                        dest.copy_(f.get_slice(name)[index] if index else f.get_tensor(name))
         except CheckpointError:
             raise
         except Exception as err:  # safetensors' own checks; the headers were validated already
@@ -555,6 +571,7 @@ def _reset_non_persistent(model: nn.Module) -> None:
                       "reset_non_persistent_buffers(); they are uninitialized after load_pretrained", stacklevel=3)
 
 
-__all__ = ["CheckpointError", "Destination", "TensorInfo", "checkpoint_tensors", "load_pretrained",
+__all__ = ["CheckpointError", "Destination", "TensorInfo", "checkpoint_tensors", "fill_from_checkpoint",
+           "load_pretrained", "open_checkpoint", "resolve_dtype",
            "published_tensor_shapes", "published_to_model", "read_safetensors_header", "save_pretrained",
            "validate_checkpoint"]

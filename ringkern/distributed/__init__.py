@@ -10,8 +10,8 @@
 
 The same code runs as one process: with no mesh every helper leaves the model as it is.
 """
-from .checkpoint import (dcp_to_pretrained, gather_full_copy, gather_full_state, load_sharded, pretrained_to_dcp,
-                         save_pretrained_sharded, save_sharded)
+from .checkpoint import (dcp_to_pretrained, gather_full_copy, gather_full_state, load_pretrained_sharded, load_sharded,
+                         pretrained_to_dcp, save_pretrained_sharded, save_sharded)
 from .expert_parallel import (ExpertParallelExperts, GlobalCountRouter, apply_expert_parallel, dispatch_plan,
                               expert_parallel_moe, replicated_moe)
 from .mesh import current_mesh, init_mesh, is_distributed, is_main_process, rank, shard_for_rank, world_size
@@ -19,5 +19,5 @@ from .parallelize import is_parallelized, parallelize, parallelize_for_inference
 
 __all__ = ["ExpertParallelExperts", "GlobalCountRouter", "apply_expert_parallel", "current_mesh", "dcp_to_pretrained",
            "dispatch_plan", "gather_full_copy", "gather_full_state", "expert_parallel_moe", "init_mesh", "is_distributed", "is_main_process",
-           "is_parallelized", "load_sharded", "parallelize", "parallelize_for_inference", "pretrained_to_dcp", "rank",
+           "is_parallelized", "load_pretrained_sharded", "load_sharded", "parallelize", "parallelize_for_inference", "pretrained_to_dcp", "rank",
            "replicated_moe", "save_pretrained_sharded", "save_sharded", "shard_for_rank", "world_size"]

@@ -8,6 +8,8 @@ names of ``RingFlashModel.state_dict()``: stacked experts), plus ``config.json``
 
 - :func:`save_sharded` / :func:`load_sharded`: model (+ optimizer, + a dict of extra values) on all ranks.
 - :func:`save_pretrained_sharded`: gather the full state to rank 0 and write the published format there.
+- :func:`load_pretrained_sharded`: the published format straight into a parallelized model, each rank
+  reading only its shards (no rank ever holds the whole model).
 - :func:`dcp_to_pretrained` / :func:`pretrained_to_dcp`: offline conversion in one process, no process
   group needed: DCP directory -> published safetensors, and back.
 """
@@ -27,10 +29,15 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_state_dict)
 
-from ..checkpoint import CONFIG_FILE, load_pretrained, save_pretrained
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor, Shard
+
+from ..checkpoint import (CONFIG_FILE, Destination, fill_from_checkpoint, load_pretrained, open_checkpoint,
+                          resolve_dtype, save_pretrained)
 from ..config import RingConfig
 from ..model import RingFlashModel
 from .mesh import is_main_process
+from .parallelize import parallelize
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[str, Any]:
@@ -117,6 +124,46 @@ def save_pretrained_sharded(model: RingFlashModel, path: str | os.PathLike, **kw
     return Path(path)
 
 
+def load_pretrained_sharded(path: str | os.PathLike, mesh: DeviceMesh, *, dtype: torch.dtype | str | None = None,
+                            device: torch.device | str | None = None) -> RingFlashModel:
+    """A published checkpoint loaded straight into :func:`parallelize` (EP + FSDP2 over ``mesh``): the model
+    is built on the meta device and sharded first, then each rank reads from the safetensors files only
+    the rows of its FSDP shards and the tensors of its own experts. The same weights as
+    ``parallelize(load_pretrained(path), mesh)``; every rank calls it."""
+    path = Path(path)
+    config, tensors = open_checkpoint(path)
+    with torch.device("meta"):
+        model = RingFlashModel(config)
+    model.to(dtype=resolve_dtype(dtype, config))
+    parallelize(model, mesh)
+    model.to_empty(device=torch.device("cpu") if device is None else device)
+    local = {key: _local_rows(t) for key, t in model.state_dict().items()}
+
+    def target(name: str, dest: Destination) -> tuple[torch.Tensor, tuple] | None:
+        shard, start, rows = local[dest.key]
+        if dest.index is None:  # a whole tensor: this rank's rows of it
+            return (shard, (slice(start, start + rows),)) if rows else None
+        expert = dest.index[0]  # one expert's matrix of a stacked parameter
+        if not start <= expert < start + rows:
+            return None
+        return shard[(expert - start, *dest.index[1:])], ()
+
+    fill_from_checkpoint(path, tensors, config, model, target)
+    return model
+
+
+def _local_rows(t: torch.Tensor) -> tuple[torch.Tensor, int, int]:
+    """(this rank's tensor, its first row in the whole tensor, its rows) for a state entry: a DTensor
+    sharded on dim 0 over a 1-D mesh (FSDP2 and expert parallelism: torch.chunk's split) or a whole one."""
+    if not isinstance(t, DTensor):
+        return t, 0, t.shape[0]
+    if t.device_mesh.ndim != 1 or t.placements != (Shard(0),):
+        raise ValueError(f"expected a tensor sharded on dim 0 over a 1-D mesh, got placements {t.placements}")
+    shard = t.to_local()
+    chunk = -(-t.shape[0] // t.device_mesh.size())
+    return shard, min(chunk * t.device_mesh.get_local_rank(), t.shape[0]), shard.shape[0]
+
+
 def _read_config(dcp_dir: Path) -> RingConfig:
     config_file = dcp_dir / CONFIG_FILE
     if not config_file.is_file():
@@ -148,4 +195,5 @@ def pretrained_to_dcp(src_dir: str | os.PathLike, dcp_dir: str | os.PathLike, *,
     return dcp_dir
 
 
-__all__ = ["save_sharded", "load_sharded", "gather_full_copy", "gather_full_state", "save_pretrained_sharded", "dcp_to_pretrained", "pretrained_to_dcp"]
+__all__ = ["save_sharded", "load_sharded", "gather_full_copy", "gather_full_state", "load_pretrained_sharded",
+           "save_pretrained_sharded", "dcp_to_pretrained", "pretrained_to_dcp"]

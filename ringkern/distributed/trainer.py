@@ -1,7 +1,8 @@
 """The pieces of ``ringkern train`` that change under torchrun; each is a no-op for a single process.
 
 - :func:`setup`: process group and mesh from the torchrun environment (gloo on the CPU, NCCL on CUDA).
-- :func:`prepare_model`: :func:`~ringkern.distributed.parallelize.parallelize` (EP + FSDP2) when distributed.
+- :func:`prepare_model`: :func:`~ringkern.distributed.parallelize.parallelize` (EP + FSDP2) when distributed;
+  :func:`load_model`: a checkpoint loaded the same way, each rank reading only its shards.
 - :func:`save_training_state` / :func:`load_training_state`: a DCP directory per training state
   (``step-000040.dcp``: sharded model and optimizer, plus rank 0's scheduler/RNG/position payload),
   written under a temporary name and renamed into place by rank 0 once every rank has finished.
@@ -26,7 +27,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 
-from .checkpoint import load_sharded, save_pretrained_sharded, save_sharded
+from ..model import RingFlashModel
+from .checkpoint import load_pretrained_sharded, load_sharded, save_pretrained_sharded, save_sharded
 from .mesh import current_mesh, init_mesh, is_distributed, is_main_process, local_device
 from .parallelize import is_parallelized, parallelize
 
@@ -46,6 +48,15 @@ def resolve_device(name: str) -> torch.device | None:
 def prepare_model(model: nn.Module) -> nn.Module:
     """Expert parallelism + FSDP2 over the current mesh; the model itself for a single process."""
     return parallelize(model, current_mesh())
+
+
+def load_model(path: Path, device: torch.device) -> nn.Module:
+    """A published checkpoint as an fp32 training model: parallelized while loading under torchrun (each
+    rank reads only its shards), else whole."""
+    mesh = current_mesh()
+    if mesh is None:
+        return RingFlashModel.from_pretrained(path, dtype=torch.float32, device=device)
+    return load_pretrained_sharded(path, mesh, dtype=torch.float32, device=device)
 
 
 def save_training_state(folder: Path, name: str, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -80,5 +91,5 @@ def save_model(model: nn.Module, directory: Path, tokenizer: Any) -> Path:
     return save_pretrained_sharded(model, directory, tokenizer=tokenizer)
 
 
-__all__ = ["DCP_SUFFIX", "setup", "resolve_device", "prepare_model", "is_parallelized", "save_training_state",
+__all__ = ["DCP_SUFFIX", "setup", "resolve_device", "prepare_model", "load_model", "is_parallelized", "save_training_state",
            "load_training_state", "remove_state", "save_model"]

@@ -63,7 +63,7 @@ def build_model(cfg: TrainConfig, stage: str, device: torch.device) -> RingFlash
     Under torchrun it comes parallelized (expert parallelism + FSDP2, :mod:`ringkern.distributed`)."""
     source = starting_point(cfg, stage)
     if source is not None:
-        return dist_trainer.prepare_model(RingFlashModel.from_pretrained(source, dtype=torch.float32, device=device))
+        return dist_trainer.load_model(source, device)
     torch.manual_seed(cfg.run.seed)
     config = RingConfig.from_preset(cfg.model.preset, **cfg.model.overrides, torch_dtype="float32")
     return dist_trainer.prepare_model(RingFlashModel(config).to(device))
