@@ -35,7 +35,7 @@ from ringkern.rewards import Problem
 from ringkern.tokenizer import load_tiny_tokenizer
 from ringkern.train.common import make_optimizer, make_scheduler
 from ringkern.train.config import GRPOConfig
-from ringkern.train.grpo import RolloutPolicy, sample_rollouts
+from ringkern.train.grpo import Rollout, RolloutPolicy, attach_logprobs, grpo_update, sample_rollouts
 from ringkern.train.state import NonFiniteGuard, optimizer_step
 
 JOB_TIMEOUT_S = 240
@@ -302,9 +302,43 @@ def check_data_parallel_rollouts(rank: int, world: int, _: Path) -> None:
     assert policy.engine.stats.prefill_tokens == sum(len(prompt_ids[i]) for i in range(rank, 5, world))
 
 
+def check_data_parallel_update(rank: int, world: int, _: Path) -> None:
+    """GRPO's old log-probs and minibatch updates split over the ranks (rank_share / loss_shares) equal one
+    process on all the rollouts: same log-probs, same weights after two SGD minibatch steps (4 and 3
+    sequences: uneven shares), for both aggregations and with a KL term. The expert-bias update is off:
+    padded positions count in the expert load, and the ranks pad their shares differently."""
+    mesh = init_mesh(DEVICE.type)
+    vocab = tiny_config().vocab_size
+    g = torch.Generator().manual_seed(11)
+    rollouts = [Rollout(torch.randint(3, vocab, (3 + i % 3,), generator=g).tolist(),
+                        torch.randint(3, vocab, (2 + 2 * i % 5,), generator=g).tolist(),
+                        -torch.rand(2 + 2 * i % 5, generator=g), 0.0, True, advantage=float(torch.randn(1, generator=g)))
+                for i in range(7)]
+    for aggregation in ("seq-mean-token-mean", "token-mean"):
+        cfg = GRPOConfig(minibatch_size=4, aggregation=aggregation, kl_coef=0.1, bias_update_rate=0.0)
+        results = []
+        for parallel in (False, True):
+            model = parallelize(seeded_model(0), mesh) if parallel else seeded_model(0)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.5)  # before any forward: FSDP's root stays
+            trained = copy.deepcopy(rollouts)                         # unsharded after one (as in train_grpo)
+            attach_logprobs(model, trained, cfg, 0, DEVICE, data_parallel=parallel)
+            for r in trained:
+                r.ref_logprobs = r.old_logprobs - 0.05
+            metrics = grpo_update(model, optimizer, make_scheduler(optimizer, 0, 1), trained, cfg, NonFiniteGuard(),
+                                  1, 0, 0, DEVICE, data_parallel=parallel)
+            results.append((trained, {n: full(p.detach()) for n, p in model.named_parameters()}, metrics))
+        (single, single_weights, single_metrics), (split, split_weights, split_metrics) = results
+        for a, b in zip(single, split):
+            assert_close(b.old_logprobs, a.old_logprobs, "old log-probs")
+        for name, w in single_weights.items():
+            assert_close(split_weights[name], w, f"{aggregation}: {name} after the update")
+        assert split_metrics["train_tokens"] == single_metrics["train_tokens"]
+        assert abs(split_metrics["loss"] - single_metrics["loss"]) <= 1e-4 * max(1.0, abs(single_metrics["loss"]))
+
+
 CHECKS = {f.__name__: f for f in (check_forward_backward, check_dispatch_uneven, check_checkpoint_round_trip,
                                   check_sharded_load, check_greedy_decode, check_reward_model_data_parallel,
-                                  check_data_parallel_rollouts)}
+                                  check_data_parallel_rollouts, check_data_parallel_update)}
 
 
 # ------------------------------------------------------------------------------------------ the harness
@@ -404,6 +438,10 @@ def test_reward_model_from_sharded_policy_trains_data_parallel(job):
 
 def test_data_parallel_rollouts_match_single_process(job):
     assert_check(job(2), "check_data_parallel_rollouts")
+
+
+def test_data_parallel_grpo_update_matches_single_process(job):
+    assert_check(job(2), "check_data_parallel_update")
 
 
 TRAIN_YAML = """

@@ -9,11 +9,12 @@
 - :func:`save_model`: the published format, gathered to rank 0 and written there.
 
 Data: SFT examples are sharded by rank (:func:`ringkern.distributed.mesh.shard_for_rank`), so a step
-trains on world_size x batch_size examples. GRPO's updates run every rank on the same rollouts (the
-lockstep of the all-to-alls needs it), so the ranks split the experts' memory and work. Its rollouts
-by default run the same prompts on every rank (the Engine's replicated-token expert parallelism); with
-``rollout_parallelism: data`` each rank decodes its share of the prompts on a whole copy of the policy
-(gathered before each rollout; the model must fit a device) and the rollouts are all-gathered. RLHF's reward model is gathered whole on every rank and trained data parallel
+trains on world_size x batch_size examples. GRPO by default runs the same prompts, rollouts and updates
+on every rank (the Engine's replicated-token expert parallelism needs the lockstep), so the ranks split
+the experts' memory and work only. With ``rollout_parallelism: data`` it is data parallel: each rank
+decodes its share of the prompts on a whole copy of the policy (gathered before each rollout; the model
+must fit a device), the rollouts are all-gathered, and every minibatch's old log-probs and update are
+split over the ranks (each rank's loss scaled to its part of the minibatch's denominators). RLHF's reward model is gathered whole on every rank and trained data parallel
 (:func:`ringkern.reward_model.train_reward_model`). Only rank 0 writes logs, metrics and plots.
 """
 from __future__ import annotations

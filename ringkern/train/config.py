@@ -102,8 +102,9 @@ class GRPOConfig:
     adv_eps: float = 1e-6  # A = (R - mean) / (std + adv_eps) within a group
     kl_coef: float = 0.0  # k3 KL to the frozen starting policy; 0 skips the reference model
     routing_replay: bool = False  # the training forward reuses the rollout's expert ids
-    # Under torchrun: "replicated" (every rank decodes every prompt on the expert-parallel policy) or "data"
-    # (each rank decodes its share of the prompts on a whole copy of the policy: the model must fit a device)
+    # Under torchrun: "replicated" (every rank decodes every prompt on the expert-parallel policy and updates
+    # on all rollouts) or "data" (each rank decodes its share of the prompts on a whole copy of the policy,
+    # which must fit a device, and takes its share of every minibatch)
     rollout_parallelism: str = "replicated"
     rollout_logprob_noise: float = 0.0  # std of Gaussian noise added to rollout log-probs (mismatch injection)
     bias_update_rate: float = 1e-3

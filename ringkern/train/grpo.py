@@ -7,7 +7,8 @@ One RL step, in order:
    own numerics (optionally a bf16 copy of the policy: ``model.rollout_dtype``). An optional Gaussian
    perturbation of those log-probs injects a controlled train-inference mismatch. Under torchrun the
    ranks decode every prompt together on the expert-parallel policy, or (``rollout_parallelism="data"``)
-   each rank decodes its share on a whole copy and the rollouts are gathered; the update is the same.
+   each rank decodes its share on a whole copy, the rollouts are gathered, and steps 3-4 split every
+   minibatch over the ranks too (:func:`rank_share`, :func:`loss_shares`).
 2. Rewards and group advantages: A_i = (R_i - mean_group) / (std_group + eps). A group whose rewards
    are all equal has A = 0 everywhere: it carries no gradient, so it is dropped before the update
    instead of diluting the per-sequence mean.
@@ -179,7 +180,7 @@ def split_per_sequence(values: torch.Tensor, lengths: Sequence[int]) -> list[tor
 
 
 # ----------------------------------------------------------------------------------------- loss
-def policy_loss(model: RingFlashModel, batch: PolicyBatch, cfg: GRPOConfig
+def policy_loss(model: RingFlashModel, batch: PolicyBatch, cfg: GRPOConfig, shares: tuple[float, float] = (1.0, 1.0)
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[int, torch.Tensor]]:
     """The GRPO + IcePop loss of one minibatch (needs ``batch.old_logprobs``).
 
@@ -187,6 +188,8 @@ def policy_loss(model: RingFlashModel, batch: PolicyBatch, cfg: GRPOConfig
         model: the policy being trained.
         batch: collated rollouts with old log-probs (and reference log-probs when ``cfg.kl_coef > 0``).
         cfg: correction mode and its band/cap, PPO clip range, temperature, aggregation, KL coefficient.
+        shares: multipliers of the policy term and of the KL term (a data-parallel rank's part of the whole
+            minibatch's denominators, see :func:`grpo_update`); the metrics are not scaled.
 
     Returns:
         (loss, metrics, tokens_per_expert). loss = -J of SPEC.md section 2 (+ kl_coef * k3 KL to the
@@ -201,10 +204,11 @@ def policy_loss(model: RingFlashModel, batch: PolicyBatch, cfg: GRPOConfig
             batch.advantages, batch.loss_mask, batch.cu_seqlens, alpha=cfg.alpha, beta=cfg.beta,
             eps_low=cfg.eps_low, eps_high=cfg.eps_high, temperature=cfg.temperature, correction=cfg.correction,
             aggregation=cfg.aggregation, tis_cap=cfg.tis_cap)
+        loss = loss * shares[0]
         if cfg.kl_coef > 0:
             logp = ops.token_logprobs(hidden, model.lm_head.weight, batch.targets, cfg.temperature).float()
             kl = k3_kl(logp, batch.ref_logprobs, batch.loss_mask)
-            loss = loss + cfg.kl_coef * kl
+            loss = loss + cfg.kl_coef * shares[1] * kl
             metrics["kl_ref"] = kl.detach()
     return loss, metrics, counts
 
@@ -303,41 +307,97 @@ def chunks(items: Sequence, size: int) -> list[Sequence]:
 
 @torch.no_grad()
 def attach_logprobs(model: RingFlashModel, rollouts: list[Rollout], cfg: GRPOConfig, pad_id: int,
-                    device: torch.device, attribute: str = "old_logprobs") -> None:
-    """Set ``rollout.<attribute>`` to the response log-probs under ``model`` (computed in minibatches)."""
-    for part in chunks(rollouts, cfg.minibatch_size):
-        batch = collate_rollouts(part, pad_id, device, cfg.routing_replay, model.config.num_experts_per_tok)
-        values = response_logprobs(model, batch, cfg.temperature)
-        for rollout, v in zip(part, split_per_sequence(values, batch.sequence_lengths)):
-            setattr(rollout, attribute, v)
+                    device: torch.device, attribute: str = "old_logprobs", data_parallel: bool = False) -> None:
+    """Set ``rollout.<attribute>`` to the response log-probs under ``model`` (computed in minibatches).
+    data_parallel: each rank computes its share of every minibatch (:func:`rank_share`), then all of them
+    are gathered, so every rank ends with all the values."""
+    values: dict[int, torch.Tensor] = {}
+    for part in chunks(range(len(rollouts)), cfg.minibatch_size):
+        mine, real = rank_share(part, data_parallel)
+        batch = collate_rollouts([rollouts[i] for i in mine], pad_id, device, cfg.routing_replay,
+                                 model.config.num_experts_per_tok)
+        logp = split_per_sequence(response_logprobs(model, batch, cfg.temperature), batch.sequence_lengths)
+        values.update(zip(mine, logp) if real else ())
+    if data_parallel and dist_mesh.is_distributed():
+        shares = [None] * dist_mesh.world_size()
+        dist.all_gather_object(shares, values)  # between the job's own ranks: trusted objects
+        values = {i: v for share in shares for i, v in share.items()}
+    for i, rollout in enumerate(rollouts):
+        setattr(rollout, attribute, values[i])
+
+
+def rank_share(part: Sequence[int], data_parallel: bool) -> tuple[list[int], bool]:
+    """This rank's rollouts of a minibatch (indices ``part``): every W-th one from its rank when data parallel
+    under torchrun, else all. A rank left with none gets the first one as a stand-in (returned with
+    False: run at weight 0, results discarded), so every rank makes the same collective calls; the
+    stand-in's tokens still count in that step's expert load."""
+    if not (data_parallel and dist_mesh.is_distributed()):
+        return list(part), True
+    mine = list(part[dist_mesh.rank()::dist_mesh.world_size()])
+    return (mine, True) if mine else ([part[0]], False)
+
+
+def loss_shares(rollouts: Sequence[Rollout], part: Sequence[int], mine: Sequence[int], real: bool,
+                aggregation: str) -> tuple[float, float]:
+    """The (policy term, KL term) multipliers of this rank in a data-parallel minibatch: world size x its
+    part of the minibatch's denominators (sequences, or response tokens for "token-mean"; the KL term is
+    a token mean), so that FSDP's average of the ranks' gradients is the gradient of the whole minibatch."""
+    if not real:
+        return 0.0, 0.0
+    tokens = lambda idx: sum(len(rollouts[i].response_ids) for i in idx)  # noqa: E731
+    world = dist_mesh.world_size()
+    token_share = world * tokens(mine) / tokens(part)
+    return (token_share if aggregation == "token-mean" else world * len(mine) / len(part)), token_share
 
 
 # ------------------------------------------------------------------------------------- updates
 def grpo_update(model: RingFlashModel, optimizer, scheduler, rollouts: list[Rollout], cfg: GRPOConfig,
-                guard: NonFiniteGuard, step: int, seed: int, pad_id: int, device: torch.device) -> dict[str, float]:
-    """``cfg.epochs`` passes of shuffled minibatch updates; returns token-weighted mean diagnostics."""
+                guard: NonFiniteGuard, step: int, seed: int, pad_id: int, device: torch.device,
+                data_parallel: bool = False) -> dict[str, float]:
+    """``cfg.epochs`` passes of shuffled minibatch updates; returns token-weighted mean diagnostics.
+
+    data_parallel (under torchrun; every rank holds the same rollouts): each rank runs its share of every
+    minibatch (:func:`rank_share`) with its loss scaled by :func:`loss_shares`, so the averaged gradient is
+    that of the whole minibatch; the diagnostics are gathered over the ranks.
+    """
     rng = random.Random(f"{seed}:{step}")
+    world = dist_mesh.world_size()
     sums: dict[str, float] = {}
     tokens, updates, skipped, max_gap, grad_norms = 0.0, 0, 0, 0.0, []
     for _ in range(cfg.epochs):
         order = list(range(len(rollouts)))
         rng.shuffle(order)
         for part in chunks(order, cfg.minibatch_size):
-            batch = collate_rollouts([rollouts[i] for i in part], pad_id, device, cfg.routing_replay,
+            mine, real = rank_share(part, data_parallel)
+            batch = collate_rollouts([rollouts[i] for i in mine], pad_id, device, cfg.routing_replay,
                                      model.config.num_experts_per_tok)
-            loss, metrics, counts = policy_loss(model, batch, cfg)
+            shares = loss_shares(rollouts, part, mine, real, cfg.aggregation) if data_parallel else (1.0, 1.0)
+            loss, metrics, counts = policy_loss(model, batch, cfg, shares)
             loss.backward()
             result = optimizer_step(model, optimizer, scheduler, loss.detach(), guard, step, cfg.grad_clip)
             if not result["skipped"]:
                 update_expert_biases(model, counts, cfg.bias_update_rate)
-            n = float(metrics.pop("num_tokens"))
-            max_gap = max(max_gap, float(metrics.pop("max_prob_gap")))
-            for name, value in {"loss": loss.detach(), **metrics}.items():
+            n = float(metrics.pop("num_tokens")) if real else 0.0
+            gap = float(metrics.pop("max_prob_gap"))
+            max_gap = max(max_gap, gap) if real else max_gap
+            if data_parallel:  # a rank's scaled loss is W x its part of the minibatch's loss
+                value, weight = float(loss.detach()) / world, sum(len(rollouts[i].response_ids) for i in part)
+            else:
+                value, weight = float(loss.detach()), n
+            sums["loss"] = sums.get("loss", 0.0) + value * weight
+            for name, value in metrics.items():
                 sums[name] = sums.get(name, 0.0) + float(value) * n
             tokens += n
             updates += 1
             skipped += int(result["skipped"])
             grad_norms.append(result["grad_norm"])
+    if data_parallel and dist_mesh.is_distributed():
+        names = sorted(sums)
+        totals = torch.tensor([sums[name] for name in names] + [tokens], dtype=torch.float64, device=device)
+        gap = torch.tensor([max_gap], dtype=torch.float64, device=device)
+        dist.all_reduce(totals)
+        dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+        sums, tokens, max_gap = dict(zip(names, totals[:-1].tolist())), float(totals[-1]), float(gap)
     out = {name: total / max(tokens, 1.0) for name, total in sums.items()}
     out.update(max_prob_gap=max_gap, updates=updates, skipped=skipped, train_tokens=tokens,
                grad_norm=sum(grad_norms) / max(len(grad_norms), 1))
@@ -435,10 +495,12 @@ def grpo_step(model, policy: RolloutPolicy, reference, optimizer, scheduler, gua
     metrics["lr"] = scheduler.get_last_lr()[0]
     if trained:
         pad = ctx.tokenizer.pad_token_id
-        attach_logprobs(model, trained, cfg, pad, ctx.device)
+        split = policy.data_parallel  # each rank's share of the forwards too
+        attach_logprobs(model, trained, cfg, pad, ctx.device, data_parallel=split)
         if reference is not None:
-            attach_logprobs(reference, trained, cfg, pad, ctx.device, attribute="ref_logprobs")
-        metrics.update(grpo_update(model, optimizer, scheduler, trained, cfg, guard, step, ctx.seed, pad, ctx.device))
+            attach_logprobs(reference, trained, cfg, pad, ctx.device, attribute="ref_logprobs", data_parallel=split)
+        metrics.update(grpo_update(model, optimizer, scheduler, trained, cfg, guard, step, ctx.seed, pad, ctx.device,
+                                   data_parallel=split))
     elapsed = time.perf_counter() - started
     generated = sum(len(r.response_ids) for r in rollouts)
     metrics.update(rollout_time_s=rollout_time, step_time_s=elapsed, rollout_tokens_per_s=generated / rollout_time)
@@ -453,4 +515,4 @@ def _frozen_copy(model: RingFlashModel) -> RingFlashModel:
 
 __all__ = ["Rollout", "PolicyBatch", "group_advantages", "informative_groups", "collate_rollouts",
            "policy_hidden", "response_logprobs", "policy_loss", "k3_kl", "RolloutPolicy", "sample_rollouts",
-           "attach_logprobs", "grpo_update", "GRPOContext", "train_grpo", "grpo_step"]
+           "attach_logprobs", "rank_share", "loss_shares", "grpo_update", "GRPOContext", "train_grpo", "grpo_step"]
