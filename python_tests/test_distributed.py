@@ -89,12 +89,12 @@ def check_forward_backward(rank: int, world: int, _: Path) -> None:
     mesh = init_mesh(DEVICE.type)
     vocab = tiny_config().vocab_size
     reference, model = seeded_model(), parallelize(seeded_model(), mesh)
-    # before any forward: FSDP's root parameters stay unsharded after one, and the optimizer needs the shards
-    optimizer = make_optimizer(model, 1e-2, 0.1, DEVICE)
-    ref_optimizer = make_optimizer(reference, 1e-2, 0.1, DEVICE)
     ids, labels, mask = rank_batch(rank, vocab)
     with torch.no_grad():
         out, ref_out = model(ids, attention_mask=mask), reference(ids, attention_mask=mask)
+    # after a forward, which leaves FSDP's root unsharded: make_optimizer must still take the shards
+    optimizer = make_optimizer(model, 1e-2, 0.1, DEVICE)
+    ref_optimizer = make_optimizer(reference, 1e-2, 0.1, DEVICE)
     assert_close(out.logits, ref_out.logits, "logits")
     assert_close(out.mtp_logits[0], ref_out.mtp_logits[0], "mtp logits")
 

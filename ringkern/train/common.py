@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
 
 from ..config import RingConfig
 from ..distributed import trainer as dist_trainer
@@ -79,6 +80,8 @@ def save_model(model: RingFlashModel, tokenizer: RingTokenizer, directory: Path)
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, device: torch.device) -> torch.optim.AdamW:
     """AdamW; matrices decay, norm weights do not (expert biases are buffers, never optimized)."""
+    if isinstance(model, FSDPModule):  # FSDP2 leaves the root unsharded after a forward: take the shards
+        model.reshard()
     decay = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.dim() < 2]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
