@@ -304,9 +304,8 @@ def check_data_parallel_rollouts(rank: int, world: int, _: Path) -> None:
 
 def check_data_parallel_update(rank: int, world: int, _: Path) -> None:
     """GRPO's old log-probs and minibatch updates split over the ranks (rank_share / loss_shares) equal one
-    process on all the rollouts: same log-probs, same weights after two SGD minibatch steps (4 and 3
-    sequences: uneven shares), for both aggregations and with a KL term. The expert-bias update is off:
-    padded positions count in the expert load, and the ranks pad their shares differently."""
+    process on all the rollouts: same log-probs, same weights and expert biases after two SGD minibatch
+    steps (4 and 3 sequences: uneven shares, padded differently), for both aggregations and with a KL term."""
     mesh = init_mesh(DEVICE.type)
     vocab = tiny_config().vocab_size
     g = torch.Generator().manual_seed(11)
@@ -315,7 +314,7 @@ def check_data_parallel_update(rank: int, world: int, _: Path) -> None:
                         -torch.rand(2 + 2 * i % 5, generator=g), 0.0, True, advantage=float(torch.randn(1, generator=g)))
                 for i in range(7)]
     for aggregation in ("seq-mean-token-mean", "token-mean"):
-        cfg = GRPOConfig(minibatch_size=4, aggregation=aggregation, kl_coef=0.1, bias_update_rate=0.0)
+        cfg = GRPOConfig(minibatch_size=4, aggregation=aggregation, kl_coef=0.1, bias_update_rate=0.05)
         results = []
         for parallel in (False, True):
             model = parallelize(seeded_model(0), mesh) if parallel else seeded_model(0)
@@ -326,7 +325,9 @@ def check_data_parallel_update(rank: int, world: int, _: Path) -> None:
                 r.ref_logprobs = r.old_logprobs - 0.05
             metrics = grpo_update(model, optimizer, make_scheduler(optimizer, 0, 1), trained, cfg, NonFiniteGuard(),
                                   1, 0, 0, DEVICE, data_parallel=parallel)
-            results.append((trained, {n: full(p.detach()) for n, p in model.named_parameters()}, metrics))
+            state = {n: full(p.detach()) for n, p in model.named_parameters()}
+            state.update((n, b.clone()) for n, b in model.named_buffers() if n.endswith("expert_bias"))
+            results.append((trained, state, metrics))
         (single, single_weights, single_metrics), (split, split_weights, split_metrics) = results
         for a, b in zip(single, split):
             assert_close(b.old_logprobs, a.old_logprobs, "old log-probs")

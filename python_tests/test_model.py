@@ -13,6 +13,18 @@ def tiny():
     return RingFlashModel(RingConfig.from_preset("tiny", vocab_size=97)).eval()
 
 
+def test_padding_does_not_count_in_the_expert_load(tiny):
+    """tokens_per_expert counts the real tokens only (padded rows are routed, but are not load)."""
+    ids = torch.randint(3, 97, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    mask[1, 4:] = False
+    out = tiny(ids, attention_mask=mask)
+    for layer, counts in out.tokens_per_expert.items():
+        real = out.expert_ids[layer][mask].reshape(-1).long()
+        assert torch.equal(counts.long(), torch.bincount(real, minlength=tiny.config.num_experts)), layer
+        assert int(counts.sum()) == (9 + 4) * tiny.config.num_experts_per_tok
+
+
 def test_forward_outputs(tiny):
     ids = torch.randint(0, 97, (2, 11))
     out = tiny(ids)

@@ -155,14 +155,21 @@ class Router(nn.Module):
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None):
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None,
+                token_mask: torch.Tensor | None = None):
         """x [N, H] -> (weights [N, k] fp32, expert_ids [N, k] int32, tokens_per_expert [E] int32).
+        token_mask [N] bool: only those tokens count in tokens_per_expert (padding routes, but is not load).
         No host sync on CUDA (one fused kernel), so the cached decode step can be captured."""
         logits = ops.router_logits(x, self.weight)  # [N, E] fp32
         cfg = self.cfg
-        return ops.moe_route(logits, self.expert_bias, n_group=cfg.n_group, topk_group=cfg.topk_group,
-                     top_k=cfg.num_experts_per_tok, routed_scaling_factor=cfg.routed_scaling_factor,
-                     renormalize=cfg.norm_topk_prob, expert_ids=expert_ids)
+        weights, ids, counts = ops.moe_route(
+            logits, self.expert_bias, n_group=cfg.n_group, topk_group=cfg.topk_group,
+            top_k=cfg.num_experts_per_tok, routed_scaling_factor=cfg.routed_scaling_factor,
+            renormalize=cfg.norm_topk_prob, expert_ids=expert_ids)
+        if token_mask is not None:  # a scatter, not a boolean index: no host sync
+            counted = token_mask.reshape(-1, 1).expand(ids.shape).reshape(-1).to(counts.dtype)
+            counts = torch.zeros_like(counts).scatter_add_(0, ids.reshape(-1).long(), counted)
+        return weights, ids, counts
 
     def _apply(self, fn, recurse=True):
         # Casting the model (to bf16, say) must not round the bias: move it, keep it fp32.
@@ -206,8 +213,9 @@ class MoEBlock(nn.Module):
         shared = cfg.moe_intermediate_size * cfg.num_shared_experts
         self.shared_experts = DenseMLP(cfg.hidden_size, shared) if shared else None
 
-    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None,
-                sync_free: bool = False) -> tuple[torch.Tensor, Routing]:
+    def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None, sync_free: bool = False,
+                token_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing]:
+        """x [B, T, H]; token_mask [B, T] bool: the tokens that count in the expert load (not padding)."""
         B, T, H = x.shape
         flat = x.reshape(B * T, H)
         replay = None if expert_ids is None else expert_ids.reshape(B * T, -1)
@@ -216,7 +224,7 @@ class MoEBlock(nn.Module):
             side.wait_stream(torch.cuda.current_stream(flat.device))
             with torch.cuda.stream(side):
                 shared = self.shared_experts(flat)
-        weights, ids, counts = self.gate(flat, replay)
+        weights, ids, counts = self.gate(flat, replay, token_mask)
         y = self.experts(flat, weights, ids, sync_free)
         if side is not None:  # join
             torch.cuda.current_stream(flat.device).wait_stream(side)
@@ -260,7 +268,9 @@ class DecoderLayer(nn.Module):
         h = self.post_attention_layernorm(x)
         if not self.is_moe:
             return x + self.mlp(h), None
-        y, routing = self.mlp(h, expert_ids, sync_free=kv is not None)
+        # cached inference: no load statistics needed, and the decode step stays free of extra kernels
+        y, routing = self.mlp(h, expert_ids, sync_free=kv is not None,
+                              token_mask=key_padding_mask if kv is None else None)
         return x + y, routing
 
 
