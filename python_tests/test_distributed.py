@@ -465,18 +465,24 @@ sft: {{num_examples: 32, steps: 2, batch_size: 4, warmup_steps: 1}}
 """
 
 
-def test_trainer_runs_under_torchrun(tmp_path):
-    """`torchrun -m ringkern train` with 2 gloo ranks: one metrics log (rank 0), a DCP training state,
-    a published model that loads."""
+def train_under_torchrun(tmp_path: Path, config_yaml: str, stage: str) -> tuple[Path, list[dict]]:
+    """`torchrun -m ringkern train --stage STAGE` with 2 gloo ranks on ``config_yaml`` (its ``{out}`` filled in);
+    asserts it exits cleanly and returns (the run directory, its metrics records)."""
     out = tmp_path / "run"
     config = tmp_path / "train.yaml"
-    config.write_text(TRAIN_YAML.format(out=out))
+    config.write_text(config_yaml.format(out=out))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "ringkern", "train", "--config", str(config), "--stage", "sft"]
+           str(_free_port()), "-m", "ringkern", "train", "--config", str(config), "--stage", stage]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-4000:]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_trainer_runs_under_torchrun(tmp_path):
+    """`torchrun -m ringkern train` with 2 gloo ranks: one metrics log (rank 0), a DCP training state,
+    a published model that loads."""
+    out, records = train_under_torchrun(tmp_path, TRAIN_YAML, "sft")
     assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("eval", 2)]
     assert all(r["loss"] is not None for r in records if r["kind"] == "train")
     state = out / "sft" / "state" / "step-000002.dcp"
@@ -496,15 +502,7 @@ def test_rlhf_stage_runs_under_torchrun(tmp_path):
     """`torchrun -m ringkern train --stage rlhf` with 2 gloo ranks: the reward model (gathered from the sharded
     policy, trained data parallel) is logged and saved once, then one GRPO step on its scores with
     data-parallel rollouts (one prompt per rank)."""
-    out = tmp_path / "run"
-    config = tmp_path / "train.yaml"
-    config.write_text(RLHF_YAML.format(out=out))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
-           str(_free_port()), "-m", "ringkern", "train", "--config", str(config), "--stage", "rlhf"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert done.returncode == 0, done.stderr[-4000:]
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    out, records = train_under_torchrun(tmp_path, RLHF_YAML, "rlhf")
     rm_train = [r for r in records if r.get("stage") == "reward_model" and r["kind"] == "train"]
     assert [r["step"] for r in rm_train] == [1, 2] and all(math.isfinite(r["loss"]) for r in rm_train)
     assert any(r.get("stage") == "rlhf" and r["kind"] == "eval" for r in records)
