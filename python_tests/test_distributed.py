@@ -311,7 +311,8 @@ def check_data_parallel_update(rank: int, world: int, _: Path) -> None:
     g = torch.Generator().manual_seed(11)
     rollouts = [Rollout(torch.randint(3, vocab, (3 + i % 3,), generator=g).tolist(),
                         torch.randint(3, vocab, (2 + 2 * i % 5,), generator=g).tolist(),
-                        -torch.rand(2 + 2 * i % 5, generator=g), 0.0, True, advantage=float(torch.randn(1, generator=g)))
+                        -torch.rand(2 + 2 * i % 5, generator=g), 0.0, True,
+                        advantage=float(torch.randn(1, generator=g)))
                 for i in range(7)]
     for aggregation in ("seq-mean-token-mean", "token-mean"):
         cfg = GRPOConfig(minibatch_size=4, aggregation=aggregation, kl_coef=0.1, bias_update_rate=0.05)

@@ -18,6 +18,7 @@ from .mesh import current_mesh, init_mesh, is_distributed, is_main_process, rank
 from .parallelize import is_parallelized, parallelize, parallelize_for_inference
 
 __all__ = ["ExpertParallelExperts", "GlobalCountRouter", "apply_expert_parallel", "current_mesh", "dcp_to_pretrained",
-           "dispatch_plan", "gather_full_copy", "gather_full_state", "expert_parallel_moe", "init_mesh", "is_distributed", "is_main_process",
-           "is_parallelized", "load_pretrained_sharded", "load_sharded", "parallelize", "parallelize_for_inference", "pretrained_to_dcp", "rank",
-           "replicated_moe", "save_pretrained_sharded", "save_sharded", "shard_for_rank", "world_size"]
+           "dispatch_plan", "expert_parallel_moe", "gather_full_copy", "gather_full_state", "init_mesh",
+           "is_distributed", "is_main_process", "is_parallelized", "load_pretrained_sharded", "load_sharded",
+           "parallelize", "parallelize_for_inference", "pretrained_to_dcp", "rank", "replicated_moe",
+           "save_pretrained_sharded", "save_sharded", "shard_for_rank", "world_size"]

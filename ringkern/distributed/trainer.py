@@ -14,7 +14,8 @@ on every rank (the Engine's replicated-token expert parallelism needs the lockst
 the experts' memory and work only. With ``rollout_parallelism: data`` it is data parallel: each rank
 decodes its share of the prompts on a whole copy of the policy (gathered before each rollout; the model
 must fit a device), the rollouts are all-gathered, and every minibatch's old log-probs and update are
-split over the ranks (each rank's loss scaled to its part of the minibatch's denominators). RLHF's reward model is gathered whole on every rank and trained data parallel
+split over the ranks (each rank's loss scaled to its part of the minibatch's denominators). RLHF's
+reward model is gathered whole on every rank and trained data parallel
 (:func:`ringkern.reward_model.train_reward_model`). Only rank 0 writes logs, metrics and plots.
 """
 from __future__ import annotations
@@ -92,5 +93,5 @@ def save_model(model: nn.Module, directory: Path, tokenizer: Any) -> Path:
     return save_pretrained_sharded(model, directory, tokenizer=tokenizer)
 
 
-__all__ = ["DCP_SUFFIX", "setup", "resolve_device", "prepare_model", "load_model", "is_parallelized", "save_training_state",
-           "load_training_state", "remove_state", "save_model"]
+__all__ = ["DCP_SUFFIX", "setup", "resolve_device", "prepare_model", "load_model", "is_parallelized",
+           "save_training_state", "load_training_state", "remove_state", "save_model"]

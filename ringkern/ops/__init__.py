@@ -16,7 +16,8 @@ from .reference import (AGGREGATIONS, CORRECTIONS, apply_partial_rope, attention
 
 __all__ = ["AGGREGATIONS", "CORRECTIONS", "ICEPOP_METRICS", "apply_partial_rope", "attention",
            "expert_bias_update", "icepop_policy_loss", "linear_cross_entropy", "moe_dispatch", "moe_experts",
-           "moe_route", "mtp_input", "qkv_norm_rope", "rms_norm", "router_logits", "rope_cos_sin", "rope_frequencies", "rope_inv_freq", "token_logprobs"]
+           "moe_route", "mtp_input", "qkv_norm_rope", "rms_norm", "router_logits", "rope_cos_sin", "rope_frequencies",
+           "rope_inv_freq", "token_logprobs"]
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
