@@ -40,7 +40,7 @@ def grouped_mm_experts(x, weights, expert_ids, gate_up_proj, down_proj):
     counts.scatter_add_(0, flat, torch.ones_like(flat, dtype=torch.int32))
     offsets = counts.cumsum(0, dtype=torch.int32)
     gate_up = torch._grouped_mm(x[token], gate_up_proj.transpose(1, 2), offs=offsets)
-    gate, up = gate_up.chunk(2, dim=-1)
+    gate, up = ref.split_gate_up(gate_up)
     y_sorted = torch._grouped_mm(F.silu(gate) * up, down_proj.transpose(1, 2), offs=offsets)
     y = torch.zeros(T, x.shape[1], dtype=torch.float32, device=x.device)
     y.index_add_(0, token, y_sorted.float() * weights.reshape(-1)[order].unsqueeze(-1))

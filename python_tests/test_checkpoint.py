@@ -160,12 +160,11 @@ def test_disk_layout_is_published(config, model, saved):
     expected = published_tensor_shapes(config)
     on_disk = disk_tensors(saved)
     assert {k: tuple(v.shape) for k, v in on_disk.items()} == {k: s for k, (s, _) in expected.items()}
-    I = config.moe_intermediate_size
     experts = model.model.layers[2].mlp.experts
     for e in (0, 7, config.num_experts - 1):
         p = f"model.layers.2.mlp.experts.{e}."
-        assert torch.equal(on_disk[p + "gate_proj.weight"], experts.gate_up_proj[e, :I])
-        assert torch.equal(on_disk[p + "up_proj.weight"], experts.gate_up_proj[e, I:])
+        assert torch.equal(on_disk[p + "gate_proj.weight"], experts.gate_up_proj[e, 0::2])
+        assert torch.equal(on_disk[p + "up_proj.weight"], experts.gate_up_proj[e, 1::2])
         assert torch.equal(on_disk[p + "down_proj.weight"], experts.down_proj[e])
     mtp = f"model.layers.{config.num_hidden_layers}."
     assert on_disk[mtp + "eh_proj.weight"].shape == (config.hidden_size, 2 * config.hidden_size)
@@ -189,13 +188,12 @@ def test_hand_built_published_checkpoint_loads(config, tmp_path):
 
     model = load_pretrained(path)
     state = model.state_dict()
-    I = config.moe_intermediate_size
     for n in range(config.first_k_dense_replace, config.num_layers_with_mtp):
         stacked = model.model.layers[n].mlp.experts
         for e in range(config.num_experts):
             p = f"model.layers.{n}.mlp.experts.{e}."
-            assert torch.equal(stacked.gate_up_proj[e, :I], tensors[p + "gate_proj.weight"])
-            assert torch.equal(stacked.gate_up_proj[e, I:], tensors[p + "up_proj.weight"])
+            assert torch.equal(stacked.gate_up_proj[e, 0::2], tensors[p + "gate_proj.weight"])
+            assert torch.equal(stacked.gate_up_proj[e, 1::2], tensors[p + "up_proj.weight"])
             assert torch.equal(stacked.down_proj[e], tensors[p + "down_proj.weight"])
     for name, t in tensors.items():
         if ".mlp.experts." not in name:

@@ -118,13 +118,23 @@ def test_rms_norm_compiles_fullgraph():
 
 def _naive_moe(x, weights, ids, gate_up, down):
     out = torch.zeros_like(x)
-    inter = gate_up.shape[1] // 2
     for t in range(x.shape[0]):
         for j in range(ids.shape[1]):
             e = int(ids[t, j])
             h = gate_up[e] @ x[t]
-            out[t] += weights[t, j] * (down[e] @ (F.silu(h[:inter]) * h[inter:]))
+            out[t] += weights[t, j] * (down[e] @ (F.silu(h[0::2]) * h[1::2]))  # interleaved rows
     return out
+
+
+def test_gate_up_interleaving():
+    """Index 2i holds gate_i and 2i + 1 up_i, along the weights' rows and the projections' columns."""
+    gate, up = torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    rows = ops.reference.join_gate_up(gate, up, dim=1)  # [E, 2I, H] like experts.gate_up_proj
+    assert torch.equal(rows[:, 0::2], gate) and torch.equal(rows[:, 1::2], up)
+    assert all(torch.equal(a, b) for a, b in zip(ops.reference.split_gate_up(rows, dim=1), (gate, up)))
+    cols = ops.reference.join_gate_up(gate, up)  # [.., 2H]
+    assert torch.equal(cols[..., 0::2], gate) and torch.equal(cols[..., 1::2], up)
+    assert all(torch.equal(a, b) for a, b in zip(ops.reference.split_gate_up(cols), (gate, up)))
 
 
 @pytest.mark.parametrize("T", [1, 7, 40])

@@ -6,7 +6,7 @@ On disk (the layout of the published checkpoints): ``config.json``, sharded
 (``model.layers.N.mlp.experts.{e}.{gate,up,down}_proj.weight``); expert biases are fp32.
 
 In memory, :class:`ringkern.model.RingFlashModel` stacks each MoE layer's experts for grouped GEMMs:
-``experts.gate_up_proj`` [E, 2I, H] (gate rows first) and ``experts.down_proj`` [E, H, I]. The
+``experts.gate_up_proj`` [E, 2I, H] (gate and up rows interleaved: row 2i is gate_i, 2i + 1 up_i) and ``experts.down_proj`` [E, H, I]. The
 mapping between the two is :func:`published_to_model`; everything else has the same name.
 
 Both directions stream one tensor at a time, so a 100B checkpoint never needs a second copy of the
@@ -132,7 +132,7 @@ def published_to_model(name: str, config: RingConfig) -> Destination:
     I = config.moe_intermediate_size
     if proj == "down_proj":
         return Destination(f"{prefix}.down_proj", (e,))
-    rows = slice(0, I) if proj == "gate_proj" else slice(I, 2 * I)
+    rows = slice(0, 2 * I, 2) if proj == "gate_proj" else slice(1, 2 * I, 2)
     return Destination(f"{prefix}.gate_up_proj", (e, rows))
 
 

@@ -2,7 +2,8 @@
 
 Module names follow the published checkpoints, so ``state_dict()`` keys are the published tensor names,
 except the routed experts, which are stacked per layer for grouped GEMMs (``experts.gate_up_proj``
-[E, 2I, H] with gate rows first, ``experts.down_proj`` [E, H, I]); :mod:`ringkern.checkpoint` maps them.
+[E, 2I, H] with gate and up rows interleaved, ``experts.down_proj`` [E, H, I]); :mod:`ringkern.checkpoint`
+maps them.
 
 Inference keeps keys and values in a preallocated :class:`KVCache` passed to ``forward``; cached steps
 use the sync-free routing and expert ops of :mod:`ringkern.ops.inference`, so a decode step can be
@@ -183,7 +184,8 @@ class Router(nn.Module):
 
 
 class RoutedExperts(nn.Module):
-    """E SwiGLU experts stored stacked: gate_up_proj [E, 2I, H] (gate rows first), down_proj [E, H, I]."""
+    """E SwiGLU experts stored stacked: gate_up_proj [E, 2I, H] (row 2i gate_i, row 2i + 1 up_i: see
+    ``ops.reference.split_gate_up``), down_proj [E, H, I]."""
 
     def __init__(self, cfg: RingConfig):
         super().__init__()

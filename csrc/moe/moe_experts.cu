@@ -52,6 +52,29 @@ __device__ __forceinline__ void store_f32(bf16* p, const float (&in)[kVec]) {
   *reinterpret_cast<Vec8*>(p) = raw;
 }
 
+// 2 kVec bf16 (kVec gate/up pairs) as fp32.
+__device__ __forceinline__ void load_pairs(const bf16* p, float (&out)[2 * kVec]) {
+  float lo[kVec], hi[kVec];
+  load_f32(p, lo);
+  load_f32(p + kVec, hi);
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    out[i] = lo[i];
+    out[kVec + i] = hi[i];
+  }
+}
+
+__device__ __forceinline__ void store_pairs(bf16* p, const float (&in)[2 * kVec]) {
+  float lo[kVec], hi[kVec];
+#pragma unroll
+  for (int i = 0; i < kVec; ++i) {
+    lo[i] = in[i];
+    hi[i] = in[kVec + i];
+  }
+  store_f32(p, lo);
+  store_f32(p + kVec, hi);
+}
+
 __device__ __forceinline__ float sigmoidf(float x) { return 1.0f / (1.0f + expf(-x)); }
 
 // out[p, :] = src[sorted_slot[p] / k, :]; one block per sorted row.
@@ -64,18 +87,17 @@ __global__ void gather_rows_kernel(const bf16* __restrict__ src, const int32_t* 
   for (int i = threadIdx.x; i < H / kVec; i += blockDim.x) o[i] = s[i];
 }
 
-// a[p, i] = silu(gu[p, i]) * gu[p, I + i] in fp32, one rounding to bf16.
+// a[p, i] = silu(gu[p, 2i]) * gu[p, 2i + 1] (gate and up interleaved) in fp32, one rounding to bf16.
 __global__ void swiglu_kernel(const bf16* __restrict__ gu, bf16* __restrict__ a, int64_t S, int I) {
   const int64_t vecs_per_row = I / kVec;
   const int64_t n = S * vecs_per_row;
   for (int64_t v = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; v < n;
        v += static_cast<int64_t>(gridDim.x) * blockDim.x) {
     const int64_t p = v / vecs_per_row, i = (v % vecs_per_row) * kVec;
-    float g[kVec], u[kVec], out[kVec];
-    load_f32(gu + p * 2 * I + i, g);
-    load_f32(gu + p * 2 * I + I + i, u);
+    float pairs[2 * kVec], out[kVec];
+    load_pairs(gu + p * 2 * I + 2 * i, pairs);
 #pragma unroll
-    for (int j = 0; j < kVec; ++j) out[j] = g[j] * sigmoidf(g[j]) * u[j];
+    for (int j = 0; j < kVec; ++j) out[j] = pairs[2 * j] * sigmoidf(pairs[2 * j]) * pairs[2 * j + 1];
     store_f32(a + p * I + i, out);
   }
 }
@@ -118,8 +140,9 @@ __device__ __forceinline__ float block_sum(float v, float* scratch) {
   return total;
 }
 
-// Per sorted row p (one block): with g, u = gate_up_out[p], a = silu(g) u, w = weights[sorted_slot[p]]:
+// Per sorted row p (one block): with g, u = gate_up_out[p] (interleaved), a = silu(g) u, w = weights[sorted_slot[p]]:
 //   dw_sorted[p] = <G[p], a>;  dA = w G[p];  d_gate = dA u silu'(g);  d_up = dA silu(g);  aw[p] = w a.
+// dgu[p] holds d_gate and d_up interleaved like gate_up_out.
 __global__ void swiglu_backward_kernel(const bf16* __restrict__ gu, const bf16* __restrict__ G,
                                        const float* __restrict__ weights, const int32_t* __restrict__ sorted_slot,
                                        bf16* __restrict__ dgu, bf16* __restrict__ aw, float* __restrict__ dw_sorted,
@@ -127,26 +150,24 @@ __global__ void swiglu_backward_kernel(const bf16* __restrict__ gu, const bf16* 
   __shared__ float scratch[32];
   const int64_t p = blockIdx.x;
   const float w = weights[sorted_slot[p]];
-  const bf16* gu_row = gu + p * 2 * I;
   float dot = 0.f;
   for (int i = threadIdx.x * kVec; i < I; i += blockDim.x * kVec) {
-    float g[kVec], u[kVec], dg[kVec], d_gate[kVec], d_up[kVec], a_w[kVec];
-    load_f32(gu_row + i, g);
-    load_f32(gu_row + I + i, u);
+    float gu_in[2 * kVec], dg[kVec], d_gu[2 * kVec], a_w[kVec];
+    load_pairs(gu + p * 2 * I + 2 * i, gu_in);
     load_f32(G + p * I + i, dg);
 #pragma unroll
     for (int q = 0; q < kVec; ++q) {
-      const float sig = sigmoidf(g[q]);
-      const float silu = g[q] * sig;
-      const float a = silu * u[q];
+      const float g = gu_in[2 * q], u = gu_in[2 * q + 1];
+      const float sig = sigmoidf(g);
+      const float silu = g * sig;
+      const float a = silu * u;
       const float da = w * dg[q];
       dot += dg[q] * a;
-      d_gate[q] = da * u[q] * sig * (1.f + g[q] * (1.f - sig));
-      d_up[q] = da * silu;
+      d_gu[2 * q] = da * u * sig * (1.f + g * (1.f - sig));
+      d_gu[2 * q + 1] = da * silu;
       a_w[q] = w * a;
     }
-    store_f32(dgu + p * 2 * I + i, d_gate);
-    store_f32(dgu + p * 2 * I + I + i, d_up);
+    store_pairs(dgu + p * 2 * I + 2 * i, d_gu);
     store_f32(aw + p * I + i, a_w);
   }
   dot = block_sum(dot, scratch);
@@ -293,12 +314,13 @@ __device__ __forceinline__ void for_each_pass(int begin, int end, Pass&& pass) {
   }
 }
 
-// One pass over the gate and up rows j0.. j0+15 of expert e for sorted rows [r0, min(r0 + 8 kNT, end)).
+// One pass over the gate and up rows of intermediates j0.. j0+15 of expert e (weight rows 2j and 2j + 1:
+// two 16-row tiles with row stride 2H) for sorted rows [r0, min(r0 + 8 kNT, end)).
 template <int kNT>
 __device__ void gate_up_pass(const bf16* x, const int32_t* sorted_slot, const bf16* w_e, bf16* gate_up_out,
                              bf16* act, float* red, int r0, int end, int k, int H, int I, int j0) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
-  const bf16* w[2] = {w_e + static_cast<int64_t>(j0) * H, w_e + static_cast<int64_t>(I + j0) * H};
+  const bf16* w[2] = {w_e + static_cast<int64_t>(2 * j0) * H, w_e + static_cast<int64_t>(2 * j0 + 1) * H};
   const bf16* rows[kNT];
 #pragma unroll
   for (int t = 0; t < kNT; ++t) {
@@ -307,7 +329,7 @@ __device__ void gate_up_pass(const bf16* x, const int32_t* sorted_slot, const bf
   }
   float acc[2][kNT][4] = {};
   const int kw = H / kMmaWarps;
-  stream_mma<2, kNT>(w, H, rows, warp * kw, (warp + 1) * kw, acc);
+  stream_mma<2, kNT>(w, 2 * static_cast<int64_t>(H), rows, warp * kw, (warp + 1) * kw, acc);
   reduce_warps<2 * kNT * 4>(&acc[0][0][0], red);
   if (warp != 0) return;
 #pragma unroll
@@ -319,8 +341,8 @@ __device__ void gate_up_pass(const bf16* x, const int32_t* sorted_slot, const bf
       if (p < end) {
         // Same rounding as the grouped path: the activation is taken from the bf16 pre-activation.
         const bf16 gb = __float2bfloat16(acc[0][t][i]), ub = __float2bfloat16(acc[1][t][i]);
-        gate_up_out[p * 2 * I + j] = gb;
-        gate_up_out[p * 2 * I + I + j] = ub;
+        gate_up_out[p * 2 * I + 2 * j] = gb;
+        gate_up_out[p * 2 * I + 2 * j + 1] = ub;
         const float gf = __bfloat162float(gb);
         act[p * I + j] = __float2bfloat16(gf * sigmoidf(gf) * __bfloat162float(ub));
       }
@@ -328,7 +350,7 @@ __device__ void gate_up_pass(const bf16* x, const int32_t* sorted_slot, const bf
   }
 }
 
-// grid (I / 16, min(S, E)). gate_up_out[p, j] and [p, I + j] (pre-activation), act[p, j] = silu(gate) * up.
+// grid (I / 16, min(S, E)). gate_up_out[p, 2j] and [p, 2j + 1] (pre-activation), act[p, j] = silu(gate) * up.
 template <int kMaxNT>
 __global__ void __launch_bounds__(kMmaWarps * 32)
 small_gate_up_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ sorted_slot,

@@ -66,7 +66,7 @@ def moe_experts_gathered(x: torch.Tensor, weights: torch.Tensor, expert_ids: tor
         ids = expert_ids[start:start + chunk].reshape(-1).long()  # [t k]
         rows = x[start:start + chunk]
         xs = rows.unsqueeze(1).expand(-1, k, H).reshape(-1, H, 1)  # [t k, H, 1]
-        gate, up = torch.bmm(gate_up_proj[ids], xs).squeeze(-1).chunk(2, dim=-1)  # [t k, I] each
+        gate, up = reference.split_gate_up(torch.bmm(gate_up_proj[ids], xs).squeeze(-1))  # [t k, I] each
         y = torch.bmm(down_proj[ids], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [t k, H]
         outs.append(y.view(-1, k, H))
     return _combine(torch.cat(outs), weights, x.dtype)

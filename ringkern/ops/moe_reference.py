@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .reference import _acc
+from .reference import _acc, join_gate_up, split_gate_up
 
 
 def moe_route_backward(grad_weights: torch.Tensor, router_logits: torch.Tensor, expert_ids: torch.Tensor,
@@ -71,7 +71,7 @@ def moe_experts_forward(x: torch.Tensor, weights: torch.Tensor, expert_ids: torc
     y_sorted = x.new_empty(T * k, H)
     for e, s, t in _expert_slices(offsets):
         gate_up_out[s:t] = x_sorted[s:t] @ gate_up_proj[e].t()
-        gate, up = gate_up_out[s:t].split(two_i // 2, dim=-1)
+        gate, up = split_gate_up(gate_up_out[s:t])
         y_sorted[s:t] = (F.silu(gate) * up) @ down_proj[e].t()
     w_sorted = _acc(weights.reshape(-1)[sorted_slot.long()]).unsqueeze(-1)
     y = torch.zeros(T, H, dtype=w_sorted.dtype, device=x.device)
@@ -86,17 +86,16 @@ def moe_experts_backward(grad_y: torch.Tensor, x: torch.Tensor, weights: torch.T
 
     With g, u = gate_up_out (per slot), a = silu(g) u, w the slot's routing weight, dy the token's gradient:
     G = dy W_down[e]; grad_w = <G, a>; dA = w G; d_gate = dA u silu'(g); d_up = dA silu(g);
-    grad W_down[e] = sum dy^T (w a); grad W_gu[e] = sum [d_gate, d_up]^T x; grad x = sum [d_gate, d_up] W_gu[e].
+    grad W_down[e] = sum dy^T (w a); grad W_gu[e] = sum d_gu^T x; grad x = sum d_gu W_gu[e], d_gu = d_gate, d_up interleaved.
     """
     T, H = x.shape
     k = weights.shape[1]
-    half = gate_up_proj.shape[1] // 2
     token = sorted_slot.long() // k
     acc = torch.promote_types(x.dtype, torch.float32)
     dy_sorted = grad_y[token].to(acc)
     x_sorted = x[token].to(acc)
     w_sorted = weights.reshape(-1)[sorted_slot.long()].to(acc).unsqueeze(-1)
-    gate, up = gate_up_out.to(acc).split(half, dim=-1)
+    gate, up = split_gate_up(gate_up_out.to(acc))
     sig = torch.sigmoid(gate)
     silu = gate * sig
     act = silu * up
@@ -108,7 +107,7 @@ def moe_experts_backward(grad_y: torch.Tensor, x: torch.Tensor, weights: torch.T
         G = dy_sorted[s:t] @ down_proj[e].to(acc)  # [n, I]
         dw_sorted[s:t] = (G * act[s:t]).sum(-1)
         dA = w_sorted[s:t] * G
-        d_gate_up = torch.cat([dA * up[s:t] * sig[s:t] * (1 + gate[s:t] * (1 - sig[s:t])), dA * silu[s:t]], -1)
+        d_gate_up = join_gate_up(dA * up[s:t] * sig[s:t] * (1 + gate[s:t] * (1 - sig[s:t])), dA * silu[s:t])
         grad_down[e] = dy_sorted[s:t].t() @ (w_sorted[s:t] * act[s:t])
         grad_gate_up[e] = d_gate_up.t() @ x_sorted[s:t]
         dx_sorted[s:t] = d_gate_up @ gate_up_proj[e].to(acc)

@@ -198,15 +198,32 @@ def moe_route(router_logits: torch.Tensor, expert_bias: torch.Tensor, *, n_group
     return weights, ids.to(torch.int32), counts.to(torch.int32)
 
 
+def split_gate_up(gate_up: torch.Tensor, dim: int = -1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate, up) views of a gate_up tensor along ``dim`` (size 2I).
+
+    The experts' gate and up projections are stored interleaved, index 2i holding gate_i and 2i + 1 up_i
+    (weights along their rows, projections along their columns), so that a GEMM tile holds both halves of
+    every SwiGLU it computes and can apply the activation in its epilogue.
+    """
+    pairs = gate_up.unfold(dim, 2, 2)  # dim -> I, a new last dim of 2
+    return pairs[..., 0], pairs[..., 1]
+
+
+def join_gate_up(gate: torch.Tensor, up: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """The interleaved gate_up tensor of :func:`split_gate_up`'s halves (along ``dim``)."""
+    dim = dim % gate.dim()
+    return torch.stack((gate, up), dim=dim + 1).flatten(dim, dim + 1)
+
+
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
                 gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
     """Routed SwiGLU experts combined with their routing weights: y_t = sum_j w_tj * expert_{id_tj}(x_t).
 
-    x: [T, H]; weights: [T, k] fp32; expert_ids: [T, k]; gate_up_proj: [E, 2I, H] (gate rows first);
-    down_proj: [E, H, I]. Returns [T, H] in x's dtype, combined in fp32.
+    x: [T, H]; weights: [T, k] fp32; expert_ids: [T, k]; gate_up_proj: [E, 2I, H] (gate and up rows
+    interleaved, see :func:`split_gate_up`); down_proj: [E, H, I]. Returns [T, H] in x's dtype, combined in fp32.
     """
     T, H = x.shape
-    E, two_i, _ = gate_up_proj.shape
+    E = gate_up_proj.shape[0]
     k = expert_ids.shape[1]
     flat_ids = expert_ids.reshape(-1).long()
     order = torch.argsort(flat_ids, stable=True)  # slots grouped by expert
@@ -215,7 +232,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
     x_sorted = x[token_of_slot]
 
     def expert(rows: torch.Tensor, e: int) -> torch.Tensor:
-        gate, up = (rows @ gate_up_proj[e].t()).split(two_i // 2, dim=-1)
+        gate, up = split_gate_up(rows @ gate_up_proj[e].t())
         return (F.silu(gate) * up) @ down_proj[e].t()
 
     outs = [expert(rows, e) for e, rows in enumerate(torch.split(x_sorted, counts)) if rows.shape[0]]
