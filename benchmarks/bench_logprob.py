@@ -150,15 +150,19 @@ def bench_liger(x: dict, reps: int) -> dict:
         return {"liger_skipped": f"failed: {err.__class__.__name__}: {str(err)[:120]}"}
 
 
-def sweep_chunk_rows(x: dict, reps: int, caps: str) -> dict:
-    """Fused loss time (grad_weight into the fp32 buffer) under RINGKERN_LOGPROB_MAX_CHUNK_ROWS caps."""
+def sweep_chunking(x: dict, reps: int, configs: str) -> dict:
+    """Fused loss time (grad_weight into the fp32 buffer) under other chunk plans: ';'-separated configs of
+    ','-separated KEY=VALUE settings of RINGKERN_LOGPROB_KEY (MAX_CHUNK_ROWS, SUB_CHUNKS, BUDGET_MIB, BLOCK_ROWS)."""
     T, H = x["hidden"].shape
     buffer = torch.zeros(x["weight"].shape[0], H, device="cuda", dtype=torch.float32)
+    step = loss_step(ops.icepop_policy_loss, x, grad_weight_buffer=buffer)
     times = {}
-    for cap in caps.split(","):
-        os.environ["RINGKERN_LOGPROB_MAX_CHUNK_ROWS"] = cap
-        times[cap] = median_ms(loss_step(ops.icepop_policy_loss, x, grad_weight_buffer=buffer), reps)
-    del os.environ["RINGKERN_LOGPROB_MAX_CHUNK_ROWS"]
+    for config in configs.split(";"):
+        env = {f"RINGKERN_LOGPROB_{kv.split('=')[0]}": kv.split("=")[1] for kv in config.split(",")}
+        os.environ.update(env)
+        times[config] = {"ms": median_ms(step, reps), "extra_gib": extra_peak_gib(step, T * H * 2, x)}
+        for key in env:
+            del os.environ[key]
     return times
 
 
@@ -169,8 +173,8 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=157184)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--peers", default="eager,cce,liger")
-    parser.add_argument("--sweep-chunk-rows", default="1024,2048",
-                        help="at T=16384, also time the fused loss with these caps on the rows per chunk")
+    parser.add_argument("--sweep", default="SUB_CHUNKS=2;SUB_CHUNKS=8;BUDGET_MIB=1536,SUB_CHUNKS=8;BLOCK_ROWS=1",
+                        help="at T=16384, also time the fused loss under these chunk plans (see sweep_chunking)")
     args = parser.parse_args()
     H, V = args.hidden, args.vocab
     peers = set(args.peers.split(","))
@@ -180,8 +184,8 @@ def main() -> None:
         x = make_inputs(T, H, V)
         flops = 6.0 * T * H * V
         row = {"T": T, "floor_ms": flops / GEMM_CEILING_TFLOPS / 1e9, **bench_fused(x, args.reps, flops)}
-        if T == 16384 and args.sweep_chunk_rows:
-            row["chunk_rows_sweep_ms"] = sweep_chunk_rows(x, args.reps, args.sweep_chunk_rows)
+        if T == 16384 and args.sweep:
+            row["chunking_sweep"] = sweep_chunking(x, args.reps, args.sweep)
         if "eager" in peers:
             row.update(bench_eager(x, args.reps))
         if "cce" in peers and T <= 16384:
