@@ -152,7 +152,7 @@ def bench_liger(x: dict, reps: int) -> dict:
 
 def sweep_chunking(x: dict, reps: int, configs: str) -> dict:
     """Fused loss time (grad_weight into the fp32 buffer) under other chunk plans: ';'-separated configs of
-    ','-separated KEY=VALUE settings of RINGKERN_LOGPROB_KEY (MAX_CHUNK_ROWS, SUB_CHUNKS, BUDGET_MIB, BLOCK_ROWS)."""
+    ','-separated KEY=VALUE settings of RINGKERN_LOGPROB_KEY (MAX_CHUNK_ROWS, CUTLASS)."""
     T, H = x["hidden"].shape
     buffer = torch.zeros(x["weight"].shape[0], H, device="cuda", dtype=torch.float32)
     step = loss_step(ops.icepop_policy_loss, x, grad_weight_buffer=buffer)
@@ -173,7 +173,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=157184)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--peers", default="eager,cce,liger")
-    parser.add_argument("--sweep", default="SUB_CHUNKS=2;SUB_CHUNKS=8;BUDGET_MIB=1536,SUB_CHUNKS=8;BLOCK_ROWS=1",
+    parser.add_argument("--sweep", default="MAX_CHUNK_ROWS=1024;MAX_CHUNK_ROWS=2048",
                         help="at T=16384, also time the fused loss under these chunk plans (see sweep_chunking)")
     args = parser.parse_args()
     H, V = args.hidden, args.vocab

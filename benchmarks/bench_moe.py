@@ -30,6 +30,15 @@ ROUTE = dict(n_group=8, topk_group=4, top_k=K, routed_scaling_factor=2.5)
 PEAK_FLOPS, PEAK_BW = 758e12, 4.3e12
 
 
+EXPERT_PATHS = {
+    "small": {"RINGKERN_MOE_SMALL_SLOTS": str(1 << 30)},
+    "cutlass": {"RINGKERN_MOE_SMALL_SLOTS": "0", "RINGKERN_MOE_CUTLASS": "require", "RINGKERN_MOE_CUTLASS_TILE": "0"},
+    "cutlass_pingpong": {"RINGKERN_MOE_SMALL_SLOTS": "0", "RINGKERN_MOE_CUTLASS": "require",
+                         "RINGKERN_MOE_CUTLASS_TILE": "1"},
+    "torch_grouped_mm": {"RINGKERN_MOE_SMALL_SLOTS": "0", "RINGKERN_MOE_CUTLASS": "0"},
+}
+
+
 def grouped_mm_experts(x, weights, expert_ids, gate_up_proj, down_proj):
     """The PERF.md baseline: argsort, gather, grouped GEMM, silu*up, grouped GEMM, weighted index_add."""
     T, k = expert_ids.shape
@@ -118,12 +127,13 @@ def main() -> None:
             y_ours, y_base = ours(xs[0]), baseline(xs[0])
             agree = ((y_ours.float() - y_base.float()).norm() / y_base.float().norm()).item()
             t_ours = median_ms(lambda: ours(pick()), reps)
-            t_paths = {}
-            if T <= 4096:  # both expert paths: torch._grouped_mm and the few-rows kernels
-                for name, slots in (("grouped", "0"), ("small", str(1 << 30))):
-                    os.environ["RINGKERN_MOE_SMALL_SLOTS"] = slots
+            t_paths = {}  # each expert path forced: the few-rows kernels (T <= 4096), the grouped GEMMs on
+            for name, env in EXPERT_PATHS.items():  # CUTLASS (both tile variants) or torch._grouped_mm
+                if name != "small" or T <= 4096:
+                    os.environ.update(env)
                     t_paths[name] = median_ms(lambda: ours(pick()), reps)
-                os.environ.pop("RINGKERN_MOE_SMALL_SLOTS")
+                    for key in env:
+                        del os.environ[key]
             t_base = median_ms(lambda: baseline(pick()), reps)
             t_loop = median_ms(lambda: loop(pick()), 3, warmup=1) if T <= 512 else None
             t_route = median_ms(lambda: ops.moe_route(logits, bias, **ROUTE), reps)
@@ -160,11 +170,14 @@ def main() -> None:
 
         t_fb = median_ms(lambda: fwd_bwd(ours), max(3, args.reps // 2))
         t_fb_base = median_ms(lambda: fwd_bwd(baseline), max(3, args.reps // 2))
+        os.environ["RINGKERN_MOE_CUTLASS"] = "0"  # our path with the forward GEMMs on torch._grouped_mm
+        t_fb_torch = median_ms(lambda: fwd_bwd(ours), max(3, args.reps // 2))
+        del os.environ["RINGKERN_MOE_CUTLASS"]
         flops = 3 * 6 * T * K * H * I
         results["fwd_bwd"] = dict(T=T, ms=t_fb, tflops=flops / t_fb / 1e9, grouped_mm_ms=t_fb_base,
-                                  speedup_vs_grouped_mm=t_fb_base / t_fb)
+                                  speedup_vs_grouped_mm=t_fb_base / t_fb, ours_torch_grouped_mm_fwd_ms=t_fb_torch)
         print(f"fwd+bwd T={T}: ours {t_fb:.2f} ms ({flops / t_fb / 1e9:.1f} TFLOP/s), grouped_mm {t_fb_base:.2f} ms "
-              f"(x{t_fb_base / t_fb:.2f})", flush=True)
+              f"(x{t_fb_base / t_fb:.2f}); ours with torch._grouped_mm forward GEMMs {t_fb_torch:.2f} ms", flush=True)
 
     # where the time goes at T=16384 (forward), from the profiler's kernel totals
     if 16384 in args.tokens:

@@ -185,10 +185,13 @@ def test_cuda_dispatch_matches_reference(E, T, k):
         assert a.dtype == torch.int32 and torch.equal(a, b)
 
 
-@pytest.fixture(params=["grouped", "small"])
+@pytest.fixture(params=["cutlass", "cutlass_pingpong", "grouped_mm", "small"])
 def experts_path(request, monkeypatch):
-    """Forces one of the two CUDA expert paths: torch._grouped_mm, or the few-rows weight-streaming kernels."""
-    monkeypatch.setenv("RINGKERN_MOE_SMALL_SLOTS", "0" if request.param == "grouped" else str(1 << 30))
+    """Forces one of the CUDA expert paths: the CUTLASS grouped GEMMs with fused epilogues (either tile
+    variant; an error if they decline the shapes), torch._grouped_mm, or the few-rows kernels."""
+    monkeypatch.setenv("RINGKERN_MOE_SMALL_SLOTS", str(1 << 30) if request.param == "small" else "0")
+    monkeypatch.setenv("RINGKERN_MOE_CUTLASS", "0" if request.param == "grouped_mm" else "require")
+    monkeypatch.setenv("RINGKERN_MOE_CUTLASS_TILE", "1" if request.param == "cutlass_pingpong" else "0")
     return request.param
 
 
@@ -221,8 +224,9 @@ def _check_experts_cuda(x, weights, ids, gate_up, down):
 
 @requires_cuda
 @pytest.mark.parametrize("T", [1, 7, 513])
-def test_cuda_experts_forward_backward(T, experts_path):
-    E, H, I, k = 16, 256, 128, 4
+@pytest.mark.parametrize("H,I", [(256, 128), (128, 64)])  # 2I = 128: narrower than a CUTLASS tile
+def test_cuda_experts_forward_backward(T, H, I, experts_path):
+    E, k = 16, 4
     x = torch.randn(T, H, device="cuda").bfloat16()
     weights, ids = _routing(T, E, k, "cuda")
     gate_up, down = _experts(E, H, I, torch.bfloat16, "cuda")

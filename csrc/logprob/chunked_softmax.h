@@ -1,13 +1,12 @@
 // The engine behind the log-prob ops: a [T, H] x [V, H]^T linear layer followed by a softmax over V,
 // processed in chunks of tokens so that [T, V] logits never exist in device memory.
 //
-// Per chunk of rows: cuBLAS GEMMs write the chunk's logits in fp32, a sub-chunk at a time (bf16 logits would
-// put their rounding, up to |logit| * 2^-9, into every log-prob); after each, one fused kernel per row (a
-// cluster of blocks holding the row in registers) computes the online log-sum-exp, log-prob and entropy and,
-// in the gradient modes, d(loss)/d(logits) in the inputs' dtype: into the chunk's compact d buffer for bf16
-// inputs, over the logits in place for fp32 ones. Two more GEMMs turn the chunk's d into its grad_hidden
-// rows (cuBLAS) and its contribution to grad_weight (accumulated in fp32 or in the weight's dtype, never
-// re-read as logits; bf16 into fp32 on a CUTLASS kernel, sm90_gemm.cu).
+// Per chunk of rows: one cuBLAS GEMM writes the chunk's logits in fp32 (bf16 logits would put their
+// rounding, up to |logit| * 2^-9, into every log-prob); one fused kernel per row computes the online
+// log-sum-exp, log-prob and entropy, and (in the gradient modes) overwrites the logits in place with
+// d(loss)/d(logits) in the inputs' dtype (row stride unchanged in bytes); two more GEMMs turn that into
+// the chunk's grad_hidden rows (cuBLAS) and its contribution to grad_weight (accumulated in fp32 or in the
+// weight's dtype, never re-read as logits; bf16 into fp32 on a CUTLASS kernel, sm90_gemm.cu).
 #pragma once
 #include <torch/types.h>
 

@@ -1,6 +1,8 @@
 // Routed SwiGLU experts on the device without host syncs: dispatch (moe_route.cu), a row gather into
-// expert order, torch._grouped_mm for the two grouped GEMMs (device offsets, static shapes), a fused
-// SwiGLU, and a fixed-order weighted gather-reduce back to token order (deterministic: no atomics).
+// expert order, two CUTLASS grouped GEMMs (sm90_grouped_gemm.cu: SwiGLU fused into the gate_up epilogue,
+// the routing weight into the down epilogue; torch._grouped_mm plus separate kernels where they decline),
+// and a fixed-order gather-sum back to token order (deterministic: no atomics). Experts store their gate
+// and up rows interleaved (row 2i gate_i, 2i + 1 up_i), and so do gate_up_out and its gradient.
 // Few slots (decode): two weight-streaming tensor-core kernels replace gather + GEMM + SwiGLU + GEMM (below);
 // the path is chosen from static shapes only, so either path is graph-capturable.
 //
@@ -10,7 +12,7 @@
 //   recomputed: X_sorted (a gather of x) and the activation silu(gate) * up (inside the SwiGLU backward);
 //   never materialized: the per-slot expert outputs Y_sorted; grad of the routing weights uses
 //     <dy_t, Y_sorted[p]> = <dy_t W_down[e], a_p> = <G[p], a_p> with G = dy_sorted @ W_down[e].
-//   G = DY_sorted @ W_down                           grouped GEMM  [S, I]
+//   G = DY_sorted @ W_down                           grouped GEMM  [S, I]  (torch._grouped_mm, as below)
 //   dw[p] = <G[p], a_p>;  dA = w_p G;  dGU = SwiGLU'(gate_up_out) * dA;  AW = w_p a_p   (one fused kernel)
 //   grad W_down[e] = DY_e^T AW_e, grad W_gu[e] = dGU_e^T X_e      k-grouped GEMMs (2D x 2D)
 //   dX_sorted = dGU @ W_gu;  dx_t = sum_j dX_sorted[slot_pos[t, j]] (fixed order)
@@ -24,9 +26,11 @@
 
 #include <algorithm>
 #include <cstdlib>
+#include <string>
 #include <type_traits>
 
 #include "../common/check.h"
+#include "sm90_grouped_gemm.h"
 
 namespace ringkern {
 namespace {
@@ -339,12 +343,11 @@ __device__ void gate_up_pass(const bf16* x, const int32_t* sorted_slot, const bf
       const int64_t p = r0 + 8 * t + 2 * c + (i & 1);
       const int j = j0 + g + 8 * (i >> 1);
       if (p < end) {
-        // Same rounding as the grouped path: the activation is taken from the bf16 pre-activation.
-        const bf16 gb = __float2bfloat16(acc[0][t][i]), ub = __float2bfloat16(acc[1][t][i]);
-        gate_up_out[p * 2 * I + 2 * j] = gb;
-        gate_up_out[p * 2 * I + 2 * j + 1] = ub;
-        const float gf = __bfloat162float(gb);
-        act[p * I + j] = __float2bfloat16(gf * sigmoidf(gf) * __bfloat162float(ub));
+        // As in the CUTLASS epilogue: the activation from the fp32 accumulators.
+        const float gf = acc[0][t][i], uf = acc[1][t][i];
+        gate_up_out[p * 2 * I + 2 * j] = __float2bfloat16(gf);
+        gate_up_out[p * 2 * I + 2 * j + 1] = __float2bfloat16(uf);
+        act[p * I + j] = __float2bfloat16(gf * sigmoidf(gf) * uf);
       }
     }
   }
@@ -507,6 +510,34 @@ at::Tensor combine(const at::Tensor& rows, const float* weights, const at::Tenso
   return y;
 }
 
+// act = SwiGLU of gate_up_out [S, 2I] (the torch._grouped_mm path's activation kernel).
+void swiglu(const at::Tensor& gate_up_out, at::Tensor& act, cudaStream_t stream) {
+  const int64_t S = act.size(0), I = act.size(1);
+  if (S == 0) return;
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t blocks = std::min<int64_t>((S * I / kVec + 255) / 256, 16 * sms);
+  swiglu_kernel<<<blocks, 256, 0, stream>>>(reinterpret_cast<const bf16*>(gate_up_out.data_ptr()),
+                                            reinterpret_cast<bf16*>(act.data_ptr()), S, I);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The grouped path's GEMMs: CUTLASS grouped kernels with fused epilogues (sm90_grouped_gemm.cu) by default,
+// torch._grouped_mm plus separate SwiGLU and weighting kernels where they decline the shapes or with
+// RINGKERN_MOE_CUTLASS=0; RINGKERN_MOE_CUTLASS=require turns a decline into an error (tests use it).
+enum class CutlassUse { kOff, kPrefer, kRequire };
+
+CutlassUse cutlass_use() {
+  const char* env = std::getenv("RINGKERN_MOE_CUTLASS");
+  if (env && std::string(env) == "0") return CutlassUse::kOff;
+  return env && std::string(env) == "require" ? CutlassUse::kRequire : CutlassUse::kPrefer;
+}
+
+bool checked(bool ran, CutlassUse use, const char* gemm) {
+  TORCH_CHECK(ran || use != CutlassUse::kRequire, "ringkern: the CUTLASS grouped ", gemm,
+              " GEMM declined these shapes and RINGKERN_MOE_CUTLASS=require");
+  return ran;
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_forward_cuda(
@@ -530,17 +561,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
     auto y = combine(y_sorted, weights.data_ptr<float>(), slot_pos, T, k, nullptr, nullptr, stream);
     return {y, gate_up_out, sorted_slot, slot_pos, offsets};
   }
-  auto x_sorted = gather_rows(x, sorted_slot, k, stream);                           // [S, H]
-  auto gate_up_out = at::_grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets);  // [S, 2I]
-  auto act = at::empty({S, I}, x.options());                                        // [S, I]
-  if (S > 0) {
-    const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-    const int64_t blocks = std::min<int64_t>((S * I / kVec + 255) / 256, 16 * sms);
-    swiglu_kernel<<<blocks, 256, 0, stream>>>(reinterpret_cast<const bf16*>(gate_up_out.data_ptr()),
-                                              reinterpret_cast<bf16*>(act.data_ptr()), S, I);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  auto x_sorted = gather_rows(x, sorted_slot, k, stream);  // [S, H]
+  auto gate_up_out = at::empty({S, 2 * I}, x.options());  // [S, 2I]
+  auto act = at::empty({S, I}, x.options());              // [S, I]
+  const CutlassUse cutlass = cutlass_use();
+  if (!(cutlass != CutlassUse::kOff &&
+        checked(moe::grouped_gate_up_swiglu_sm90(x_sorted, gate_up_proj, offsets, gate_up_out, act, stream), cutlass,
+                "gate_up"))) {
+    gate_up_out = at::_grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets);
+    swiglu(gate_up_out, act, stream);
   }
-  auto y_sorted = at::_grouped_mm(act, down_proj.transpose(1, 2), offsets);  // [S, H]
+  // The routing weights scale the down projection's rows in its epilogue; the combine then only sums.
+  const auto w_sorted = weights.view(-1).index_select(0, sorted_slot);  // [S]
+  auto y_sorted = at::empty({S, x.size(1)}, x.options());              // [S, H]
+  if (cutlass != CutlassUse::kOff &&
+      checked(moe::grouped_down_sm90(act, down_proj, offsets, w_sorted.data_ptr<float>(), y_sorted, stream), cutlass,
+              "down")) {
+    auto y = combine(y_sorted, nullptr, slot_pos, T, k, nullptr, nullptr, stream);
+    return {y, gate_up_out, sorted_slot, slot_pos, offsets};
+  }
+  y_sorted = at::_grouped_mm(act, down_proj.transpose(1, 2), offsets);
   auto y = combine(y_sorted, weights.data_ptr<float>(), slot_pos, T, k, nullptr, nullptr, stream);
   return {y, gate_up_out, sorted_slot, slot_pos, offsets};
 }

@@ -256,7 +256,8 @@ class MoeEpilogue {
             }
             quad_transpose(w, q);  // word j: columns col + 2j, col + 2j + 1
             if (row_ok[half] && col_ok) {
-              *reinterpret_cast<uint4*>(params_.out + row[half] * params_.ld_out + col) = make_uint4(w[0], w[1], w[2], w[3]);
+              *reinterpret_cast<uint4*>(params_.out + row[half] * params_.ld_out + col) =
+                  make_uint4(w[0], w[1], w[2], w[3]);
             }
           }
           if constexpr (kSwiGLU) {
@@ -345,8 +346,9 @@ __global__ void setup_groups_kernel(const int32_t* __restrict__ offsets, int E, 
 
 constexpr size_t align_up(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
+// Returns false, having launched nothing, when CUTLASS cannot take the arguments.
 template <class Config>
-void run_grouped(const Bf16* a, const Bf16* b, const at::Tensor& offsets, int E, int N, int K,
+bool run_grouped(const Bf16* a, const Bf16* b, const at::Tensor& offsets, int E, int N, int K,
                  const EpilogueArgs& epilogue, cudaStream_t stream) {
   using Gemm = typename Config::Gemm;
   const int device = offsets.get_device();
@@ -362,6 +364,8 @@ void run_grouped(const Bf16* a, const Bf16* b, const at::Tensor& offsets, int E,
                                 {nullptr, nullptr, nullptr, nullptr},
                                 epilogue,
                                 hw};
+  // With device-only problem shapes this checks the mode and the epilogue's pointers and strides.
+  if (Gemm::can_implement(args) != cutlass::Status::kSuccess) return false;
   const size_t shapes_bytes = align_up(sizeof(Shape<int, int, int>) * E);
   const size_t ptr_bytes = align_up(sizeof(void*) * E);
   const size_t stride_bytes = align_up(sizeof(StrideKMajor) * E);
@@ -386,20 +390,14 @@ void run_grouped(const Bf16* a, const Bf16* b, const at::Tensor& offsets, int E,
                   cutlass::Status::kSuccess,
               "ringkern: CUTLASS grouped MoE GEMM: initialize failed");
   TORCH_CHECK(gemm.run(stream) == cutlass::Status::kSuccess, "ringkern: CUTLASS grouped MoE GEMM: launch failed");
+  return true;
 }
 
 template <bool kSwiGLU>
 bool dispatch(const Bf16* a, const Bf16* b, const at::Tensor& offsets, int E, int N, int K,
               const EpilogueArgs& epilogue, cudaStream_t stream) {
-  // Problem shapes are device-only, so the arguments' checks come down to the epilogue's.
-  const ProblemShape no_shapes{E, nullptr, nullptr};
-  if (!MoeEpilogue<kSwiGLU>::can_implement(no_shapes, epilogue)) return false;
-  if (tile_variant() == 1) {
-    run_grouped<Variant1<kSwiGLU>>(a, b, offsets, E, N, K, epilogue, stream);
-  } else {
-    run_grouped<Variant0<kSwiGLU>>(a, b, offsets, E, N, K, epilogue, stream);
-  }
-  return true;
+  return tile_variant() == 1 ? run_grouped<Variant1<kSwiGLU>>(a, b, offsets, E, N, K, epilogue, stream)
+                             : run_grouped<Variant0<kSwiGLU>>(a, b, offsets, E, N, K, epilogue, stream);
 }
 
 bool is_bf16_cuda_contiguous(const at::Tensor& t, int dim) {
@@ -452,7 +450,8 @@ bool grouped_down_sm90(const at::Tensor& act, const at::Tensor& w_down, const at
 #if !defined(RINGKERN_WITH_CUTLASS)
   return false;
 #else
-  if (!is_bf16_cuda_contiguous(act, 2) || !is_bf16_cuda_contiguous(w_down, 3) || !is_bf16_cuda_contiguous(y_sorted, 2)) {
+  if (!is_bf16_cuda_contiguous(act, 2) || !is_bf16_cuda_contiguous(w_down, 3) ||
+      !is_bf16_cuda_contiguous(y_sorted, 2)) {
     return false;
   }
   const int64_t S = act.size(0), I = act.size(1), E = w_down.size(0), H = w_down.size(1);
