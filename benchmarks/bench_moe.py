@@ -32,9 +32,10 @@ PEAK_FLOPS, PEAK_BW = 758e12, 4.3e12
 
 EXPERT_PATHS = {
     "small": {"RINGKERN_MOE_SMALL_SLOTS": str(1 << 30)},
-    "cutlass": {"RINGKERN_MOE_SMALL_SLOTS": "0", "RINGKERN_MOE_CUTLASS": "require", "RINGKERN_MOE_CUTLASS_TILE": "0"},
-    "cutlass_pingpong": {"RINGKERN_MOE_SMALL_SLOTS": "0", "RINGKERN_MOE_CUTLASS": "require",
-                         "RINGKERN_MOE_CUTLASS_TILE": "1"},
+    "cutlass": {"RINGKERN_MOE_SMALL_SLOTS": "0", "RINGKERN_MOE_CUTLASS": "require",
+                "RINGKERN_MOE_CUTLASS_TILE": "pingpong"},
+    "cutlass_cooperative": {"RINGKERN_MOE_SMALL_SLOTS": "0", "RINGKERN_MOE_CUTLASS": "require",
+                            "RINGKERN_MOE_CUTLASS_TILE": "cooperative"},
     "torch_grouped_mm": {"RINGKERN_MOE_SMALL_SLOTS": "0", "RINGKERN_MOE_CUTLASS": "0"},
 }
 

@@ -185,13 +185,14 @@ def test_cuda_dispatch_matches_reference(E, T, k):
         assert a.dtype == torch.int32 and torch.equal(a, b)
 
 
-@pytest.fixture(params=["cutlass", "cutlass_pingpong", "grouped_mm", "small"])
+@pytest.fixture(params=["cutlass", "cutlass_cooperative", "grouped_mm", "small"])
 def experts_path(request, monkeypatch):
     """Forces one of the CUDA expert paths: the CUTLASS grouped GEMMs with fused epilogues (either tile
     variant; an error if they decline the shapes), torch._grouped_mm, or the few-rows kernels."""
     monkeypatch.setenv("RINGKERN_MOE_SMALL_SLOTS", str(1 << 30) if request.param == "small" else "0")
     monkeypatch.setenv("RINGKERN_MOE_CUTLASS", "0" if request.param == "grouped_mm" else "require")
-    monkeypatch.setenv("RINGKERN_MOE_CUTLASS_TILE", "1" if request.param == "cutlass_pingpong" else "0")
+    tile = "cooperative" if request.param.endswith("cooperative") else "pingpong"
+    monkeypatch.setenv("RINGKERN_MOE_CUTLASS_TILE", tile)
     return request.param
 
 

@@ -303,20 +303,21 @@ struct GroupedGemm {
 };
 
 // Tile variants, picked at run time by RINGKERN_MOE_CUTLASS_TILE:
-//  "0" (default): cooperative, 128x256x64 tile (both math warp groups on one tile, 64 rows each), cluster 1x2
-//                 (the two CTAs share the A tile through TMA multicast; N = 2I or H is a multiple of 512).
-//  "1": ping-pong, 128x128x64 tile (one warp group per tile; its epilogue overlaps the other's mainloop),
-//       cluster 1x2.
+//  "pingpong" (default): 128x128x64 tile (one warp group per tile; its epilogue overlaps the other's
+//       mainloop), cluster 1x2 (the two CTAs share the A tile through TMA multicast).
+//  "cooperative": 128x256x64 tile (both math warp groups on one tile, 64 rows each), cluster 1x2.
+// Measured on an H200 at Ring-flash shapes (routed path with router, T=16384): ping-pong 7.00 ms, cooperative
+// 8.16 ms, torch._grouped_mm 7.81 ms; the cooperative epilogue (3 bf16 outputs per gate_up row) is exposed.
 using Coop = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedCooperative;
 using Pingpong = cutlass::gemm::KernelPtrArrayTmaWarpSpecializedPingpong;
 template <bool kSwiGLU>
-using Variant0 = GroupedGemm<Coop, Shape<_128, _256, _64>, Shape<_1, _2, _1>, kSwiGLU>;
+using PingpongTile = GroupedGemm<Pingpong, Shape<_128, _128, _64>, Shape<_1, _2, _1>, kSwiGLU>;
 template <bool kSwiGLU>
-using Variant1 = GroupedGemm<Pingpong, Shape<_128, _128, _64>, Shape<_1, _2, _1>, kSwiGLU>;
+using CooperativeTile = GroupedGemm<Coop, Shape<_128, _256, _64>, Shape<_1, _2, _1>, kSwiGLU>;
 
-int tile_variant() {
+bool cooperative_tile() {
   const char* env = std::getenv("RINGKERN_MOE_CUTLASS_TILE");
-  return env != nullptr && env[0] == '1' ? 1 : 0;
+  return env != nullptr && std::strcmp(env, "cooperative") == 0;
 }
 
 int sm_count(int device) {
@@ -396,8 +397,8 @@ bool run_grouped(const Bf16* a, const Bf16* b, const at::Tensor& offsets, int E,
 template <bool kSwiGLU>
 bool dispatch(const Bf16* a, const Bf16* b, const at::Tensor& offsets, int E, int N, int K,
               const EpilogueArgs& epilogue, cudaStream_t stream) {
-  return tile_variant() == 1 ? run_grouped<Variant1<kSwiGLU>>(a, b, offsets, E, N, K, epilogue, stream)
-                             : run_grouped<Variant0<kSwiGLU>>(a, b, offsets, E, N, K, epilogue, stream);
+  return cooperative_tile() ? run_grouped<CooperativeTile<kSwiGLU>>(a, b, offsets, E, N, K, epilogue, stream)
+                            : run_grouped<PingpongTile<kSwiGLU>>(a, b, offsets, E, N, K, epilogue, stream);
 }
 
 bool is_bf16_cuda_contiguous(const at::Tensor& t, int dim) {
