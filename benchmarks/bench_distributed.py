@@ -1,6 +1,6 @@
 """Throughput of a training step and of decode for a reduced-depth, full-width Ring-flash-2.0 model,
-on 1 GPU (one process, no parallelism) or N GPUs (expert parallelism + FSDP2). NOT YET RUN: needs a
-multi-GPU host; the results go to benchmarks/RESULTS.md.
+on 1 GPU (one process, no parallelism) or N GPUs (expert parallelism + FSDP2); results (2 and 4 H200s) in
+benchmarks/RESULTS.md.
 
 Model: the ring-flash-2.0 preset (H=4096, 256 experts of I=1024, top-8, vocab 157184) with --layers
 decoder layers (layer 0 dense, the rest MoE), no MTP layer.

@@ -305,7 +305,8 @@ def check_data_parallel_rollouts(rank: int, world: int, _: Path) -> None:
 def check_data_parallel_update(rank: int, world: int, _: Path) -> None:
     """GRPO's old log-probs and minibatch updates split over the ranks (rank_share / loss_shares) equal one
     process on all the rollouts: same log-probs, same weights and expert biases after two SGD minibatch
-    steps (4 and 3 sequences: uneven shares, padded differently), for both aggregations and with a KL term."""
+    steps (4 and 3 sequences: uneven shares, padded differently; with 4 ranks one rank gets no sequence
+    of the second), for both aggregations and with a KL term."""
     mesh = init_mesh(DEVICE.type)
     vocab = tiny_config().vocab_size
     g = torch.Generator().manual_seed(11)
@@ -315,7 +316,10 @@ def check_data_parallel_update(rank: int, world: int, _: Path) -> None:
                         advantage=float(torch.randn(1, generator=g)))
                 for i in range(7)]
     for aggregation in ("seq-mean-token-mean", "token-mean"):
-        cfg = GRPOConfig(minibatch_size=4, aggregation=aggregation, kl_coef=0.1, bias_update_rate=0.05)
+        # With 4 ranks the minibatch of 3 leaves one rank a stand-in sequence, whose tokens still count in
+        # the expert load (a known gap, see rank_share): the expert-bias update is checked with 2 ranks only.
+        cfg = GRPOConfig(minibatch_size=4, aggregation=aggregation, kl_coef=0.1,
+                         bias_update_rate=0.05 if world == 2 else 0.0)
         results = []
         for parallel in (False, True):
             model = parallelize(seeded_model(0), mesh) if parallel else seeded_model(0)
@@ -397,7 +401,7 @@ def run_job(world: int, names: list[str], out_dir: Path) -> dict[int, dict[str, 
 def job(tmp_path_factory):
     """One spawned job per world size, run on first use."""
     cache: dict[int, dict] = {}
-    plan = {2: list(CHECKS), 4: ["check_forward_backward", "check_dispatch_uneven"]}
+    plan = {2: list(CHECKS), 4: ["check_forward_backward", "check_dispatch_uneven", "check_data_parallel_update"]}
 
     def results(world: int) -> dict[int, dict[str, str]]:
         if world not in cache:
@@ -442,8 +446,9 @@ def test_data_parallel_rollouts_match_single_process(job):
     assert_check(job(2), "check_data_parallel_rollouts")
 
 
-def test_data_parallel_grpo_update_matches_single_process(job):
-    assert_check(job(2), "check_data_parallel_update")
+@pytest.mark.parametrize("world", [2, 4])  # 4 ranks: a minibatch of 3 sequences leaves one rank a stand-in
+def test_data_parallel_grpo_update_matches_single_process(job, world):
+    assert_check(job(world), "check_data_parallel_update")
 
 
 TRAIN_YAML = """

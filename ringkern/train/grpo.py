@@ -377,7 +377,8 @@ def grpo_update(model: RingFlashModel, optimizer, scheduler, rollouts: list[Roll
             result = optimizer_step(model, optimizer, scheduler, loss.detach(), guard, step, cfg.grad_clip)
             if not result["skipped"]:
                 update_expert_biases(model, counts, cfg.bias_update_rate)
-            n = float(metrics.pop("num_tokens")) if real else 0.0
+            n = float(metrics.pop("num_tokens"))  # popped on every rank: the same metric names everywhere
+            n = n if real else 0.0
             gap = float(metrics.pop("max_prob_gap"))
             max_gap = max(max_gap, gap) if real else max_gap
             if data_parallel:  # a rank's scaled loss is W x its part of the minibatch's loss
