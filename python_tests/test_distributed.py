@@ -306,7 +306,8 @@ def check_data_parallel_update(rank: int, world: int, _: Path) -> None:
     """GRPO's old log-probs and minibatch updates split over the ranks (rank_share / loss_shares) equal one
     process on all the rollouts: same log-probs, same weights and expert biases after two SGD minibatch
     steps (4 and 3 sequences: uneven shares, padded differently; with 4 ranks one rank gets no sequence
-    of the second), for both aggregations and with a KL term."""
+    of the second and runs a stand-in that must not count in the expert load), for both aggregations and
+    with a KL term."""
     mesh = init_mesh(DEVICE.type)
     vocab = tiny_config().vocab_size
     g = torch.Generator().manual_seed(11)
@@ -316,10 +317,7 @@ def check_data_parallel_update(rank: int, world: int, _: Path) -> None:
                         advantage=float(torch.randn(1, generator=g)))
                 for i in range(7)]
     for aggregation in ("seq-mean-token-mean", "token-mean"):
-        # With 4 ranks the minibatch of 3 leaves one rank a stand-in sequence, whose tokens still count in
-        # the expert load (a known gap, see rank_share): the expert-bias update is checked with 2 ranks only.
-        cfg = GRPOConfig(minibatch_size=4, aggregation=aggregation, kl_coef=0.1,
-                         bias_update_rate=0.05 if world == 2 else 0.0)
+        cfg = GRPOConfig(minibatch_size=4, aggregation=aggregation, kl_coef=0.1, bias_update_rate=0.05)
         results = []
         for parallel in (False, True):
             model = parallelize(seeded_model(0), mesh) if parallel else seeded_model(0)

@@ -264,15 +264,16 @@ class DecoderLayer(nn.Module):
         self.is_moe = cfg.is_moe_layer(layer_idx)
         self.mlp = MoEBlock(cfg) if self.is_moe else DenseMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, key_padding_mask, expert_ids=None,
-                kv: LayerKV | None = None) -> tuple[torch.Tensor, Routing | None]:
+    def forward(self, x, cos, sin, key_padding_mask, expert_ids=None, kv: LayerKV | None = None,
+                load_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing | None]:
+        """load_mask [B, T] bool: the tokens counted in the expert load (default: key_padding_mask)."""
         x = x + self.attention(self.input_layernorm(x), cos, sin, key_padding_mask, kv)
         h = self.post_attention_layernorm(x)
         if not self.is_moe:
             return x + self.mlp(h), None
         # cached inference: no load statistics needed, and the decode step stays free of extra kernels
-        y, routing = self.mlp(h, expert_ids, sync_free=kv is not None,
-                              token_mask=key_padding_mask if kv is None else None)
+        counted = key_padding_mask if load_mask is None else load_mask
+        y, routing = self.mlp(h, expert_ids, sync_free=kv is not None, token_mask=counted if kv is None else None)
         return x + y, routing
 
 
@@ -286,10 +287,11 @@ class MTPLayer(DecoderLayer):
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.final_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, h, next_embeds, cos, sin, key_padding_mask, expert_ids=None, kv: LayerKV | None = None):
+    def forward(self, h, next_embeds, cos, sin, key_padding_mask, expert_ids=None, kv: LayerKV | None = None,
+                load_mask: torch.Tensor | None = None):
         """h: previous depth's normed hidden [B, T, H]; returns (normed MTP hidden [B, T, H], routing)."""
         z = ops.mtp_input(next_embeds, h, self.enorm.weight, self.hnorm.weight, self.eh_proj.weight, self.enorm.eps)
-        z, routing = super().forward(z, cos, sin, key_padding_mask, expert_ids, kv)
+        z, routing = super().forward(z, cos, sin, key_padding_mask, expert_ids, kv, load_mask)
         return self.final_layernorm(z), routing
 
 
@@ -369,9 +371,10 @@ class RingFlashModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, *, attention_mask: torch.Tensor | None = None,
                 position_ids: torch.Tensor | None = None, expert_ids: dict[int, torch.Tensor] | None = None,
                 compute_logits: bool = True, compute_mtp: bool = True, kv_cache: KVCache | None = None,
-                cache_rows: torch.Tensor | None = None) -> RingOutput:
+                cache_rows: torch.Tensor | None = None, load_mask: torch.Tensor | None = None) -> RingOutput:
         """input_ids [B, T]; attention_mask [B, T] bool/int (1 = real token), left or right padding;
-        expert_ids: layer index -> [B, T, k] to replay routing instead of choosing.
+        expert_ids: layer index -> [B, T, k] to replay routing instead of choosing; load_mask [B, T] bool:
+        the tokens counted in tokens_per_expert (default: attention_mask's real tokens).
 
         kv_cache: read and write keys/values there (see :class:`LayerKV` for the two modes). With
         ``cache_rows`` [B] (prefill) the tokens start their sequences and go to those rows; without it
@@ -399,7 +402,7 @@ class RingFlashModel(nn.Module):
         x = self.model.word_embeddings(input_ids)  # [B, T, H]
         for i, layer in enumerate(self.decoder_layers):
             kv = _layer_kv(kv_cache, i, position_ids, cache_rows, decode_mask)
-            x, routing = layer(x, cos, sin, key_padding_mask, replay.get(i), kv)
+            x, routing = layer(x, cos, sin, key_padding_mask, replay.get(i), kv, load_mask)
             self._record(out, i, routing)
         h = self.model.norm(x)
         out.hidden_states = h
@@ -410,7 +413,7 @@ class RingFlashModel(nn.Module):
                 idx = self.config.num_hidden_layers + depth - 1
                 kv = _layer_kv(kv_cache, idx, position_ids, cache_rows, decode_mask)
                 h, routing = layer(h, self.model.word_embeddings(shift_left(input_ids, depth)), cos, sin,
-                                   key_padding_mask, replay.get(idx), kv)
+                                   key_padding_mask, replay.get(idx), kv, load_mask)
                 self._record(out, idx, routing)
                 out.mtp_hidden_states.append(h)
                 if compute_logits:

@@ -158,11 +158,13 @@ def _replay_tensor(rollouts: Sequence[Rollout], width: int, top_k: int,
 
 
 # ------------------------------------------------------------------------------------ log-probs
-def policy_hidden(model: RingFlashModel, batch: PolicyBatch) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+def policy_hidden(model: RingFlashModel, batch: PolicyBatch,
+                  counted: bool = True) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """Final-norm hidden states [N, H] at the positions that predict the response tokens, and the
-    forward's tokens_per_expert."""
+    forward's tokens_per_expert (none of the batch's tokens counted unless ``counted``)."""
+    load_mask = None if counted else torch.zeros_like(batch.input_ids, dtype=torch.bool)
     out = model(batch.input_ids, attention_mask=batch.attention_mask, expert_ids=batch.expert_ids,
-                compute_logits=False, compute_mtp=False)
+                compute_logits=False, compute_mtp=False, load_mask=load_mask)
     hidden = out.hidden_states.reshape(-1, out.hidden_states.shape[-1])
     return hidden[batch.positions], out.tokens_per_expert
 
@@ -180,8 +182,8 @@ def split_per_sequence(values: torch.Tensor, lengths: Sequence[int]) -> list[tor
 
 
 # ----------------------------------------------------------------------------------------- loss
-def policy_loss(model: RingFlashModel, batch: PolicyBatch, cfg: GRPOConfig, shares: tuple[float, float] = (1.0, 1.0)
-                ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[int, torch.Tensor]]:
+def policy_loss(model: RingFlashModel, batch: PolicyBatch, cfg: GRPOConfig, shares: tuple[float, float] = (1.0, 1.0),
+                counted: bool = True) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[int, torch.Tensor]]:
     """The GRPO + IcePop loss of one minibatch (needs ``batch.old_logprobs``).
 
     Args:
@@ -190,6 +192,7 @@ def policy_loss(model: RingFlashModel, batch: PolicyBatch, cfg: GRPOConfig, shar
         cfg: correction mode and its band/cap, PPO clip range, temperature, aggregation, KL coefficient.
         shares: multipliers of the policy term and of the KL term (a data-parallel rank's part of the whole
             minibatch's denominators, see :func:`grpo_update`); the metrics are not scaled.
+        counted: whether the batch's tokens count in the expert load (not a data-parallel stand-in's).
 
     Returns:
         (loss, metrics, tokens_per_expert). loss = -J of SPEC.md section 2 (+ kl_coef * k3 KL to the
@@ -198,7 +201,7 @@ def policy_loss(model: RingFlashModel, batch: PolicyBatch, cfg: GRPOConfig, shar
         max_prob_gap, kl_train_infer, clip_frac, entropy, num_tokens), plus kl_ref with a reference.
     """
     with autocast(batch.input_ids.device):
-        hidden, counts = policy_hidden(model, batch)
+        hidden, counts = policy_hidden(model, batch, counted)
         loss, metrics = ops.icepop_policy_loss(
             hidden, model.lm_head.weight, batch.targets, batch.old_logprobs, batch.rollout_logprobs,
             batch.advantages, batch.loss_mask, batch.cu_seqlens, alpha=cfg.alpha, beta=cfg.beta,
@@ -329,8 +332,8 @@ def attach_logprobs(model: RingFlashModel, rollouts: list[Rollout], cfg: GRPOCon
 def rank_share(part: Sequence[int], data_parallel: bool) -> tuple[list[int], bool]:
     """This rank's rollouts of a minibatch (indices ``part``): every W-th one from its rank when data parallel
     under torchrun, else all. A rank left with none gets the first one as a stand-in (returned with
-    False: run at weight 0, results discarded), so every rank makes the same collective calls; the
-    stand-in's tokens still count in that step's expert load."""
+    False: run at weight 0, not counted in the expert load, results discarded), so every rank makes the
+    same collective calls."""
     if not (data_parallel and dist_mesh.is_distributed()):
         return list(part), True
     mine = list(part[dist_mesh.rank()::dist_mesh.world_size()])
@@ -372,7 +375,7 @@ def grpo_update(model: RingFlashModel, optimizer, scheduler, rollouts: list[Roll
             batch = collate_rollouts([rollouts[i] for i in mine], pad_id, device, cfg.routing_replay,
                                      model.config.num_experts_per_tok)
             shares = loss_shares(rollouts, part, mine, real, cfg.aggregation) if data_parallel else (1.0, 1.0)
-            loss, metrics, counts = policy_loss(model, batch, cfg, shares)
+            loss, metrics, counts = policy_loss(model, batch, cfg, shares, counted=real)
             loss.backward()
             result = optimizer_step(model, optimizer, scheduler, loss.detach(), guard, step, cfg.grad_clip)
             if not result["skipped"]:
