@@ -90,12 +90,13 @@ struct MoeRoute : torch::autograd::Function<MoeRoute> {
 struct MoeExperts : torch::autograd::Function<MoeExperts> {
   static variable_list forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weights,
                                const at::Tensor& expert_ids, const at::Tensor& gate_up_proj,
-                               const at::Tensor& down_proj) {
+                               const at::Tensor& down_proj, bool atomic_combine) {
     static auto fwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>(
+        const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, bool)>(
         "ringkern::moe_experts_forward");
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [y, gate_up_out, sorted_slot, slot_pos, offsets] = fwd.call(x, weights, expert_ids, gate_up_proj, down_proj);
+    auto [y, gate_up_out, sorted_slot, slot_pos, offsets] =
+        fwd.call(x, weights, expert_ids, gate_up_proj, down_proj, atomic_combine);
     ctx->save_for_backward({x, weights, gate_up_proj, down_proj, gate_up_out, sorted_slot, slot_pos, offsets});
     ctx->mark_non_differentiable({gate_up_out, sorted_slot, slot_pos, offsets});
     return {y, gate_up_out, sorted_slot, slot_pos, offsets};
@@ -104,12 +105,12 @@ struct MoeExperts : torch::autograd::Function<MoeExperts> {
     static auto bwd = op<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
         const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&)>("ringkern::moe_experts_backward");
-    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+    if (!grads[0].defined()) return variable_list(6);
     const auto s = ctx->get_saved_variables();
     auto [grad_x, grad_w, grad_gate_up, grad_down] =
         bwd.call(grads[0].contiguous(), s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7]);
     auto keep = [&](int i, at::Tensor g) { return ctx->needs_input_grad(i) ? g : at::Tensor(); };
-    return {keep(0, grad_x), keep(1, grad_w), at::Tensor(), keep(3, grad_gate_up), keep(4, grad_down)};
+    return {keep(0, grad_x), keep(1, grad_w), at::Tensor(), keep(3, grad_gate_up), keep(4, grad_down), at::Tensor()};
   }
 };
 
@@ -158,8 +159,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route_autograd(const at::Tens
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_autograd(
     const at::Tensor& x, const at::Tensor& weights, const at::Tensor& expert_ids, const at::Tensor& gate_up_proj,
-    const at::Tensor& down_proj) {
-  auto out = MoeExperts::apply(x, weights, expert_ids, gate_up_proj, down_proj);
+    const at::Tensor& down_proj, bool atomic_combine) {
+  auto out = MoeExperts::apply(x, weights, expert_ids, gate_up_proj, down_proj, atomic_combine);
   return {out[0], out[1], out[2], out[3], out[4]};
 }
 

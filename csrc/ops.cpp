@@ -44,9 +44,10 @@ TORCH_LIBRARY(ringkern, m) {
   // sorted_slot [T*k], slot_pos [T*k]), all int32.
   m.def("moe_dispatch(Tensor expert_ids, int num_experts) -> (Tensor, Tensor, Tensor, Tensor)");
   // Routed SwiGLU experts combined with the routing weights: (y [T, H], gate_up_out [T*k, 2I] (kept for the
-  // backward), sorted_slot, slot_pos, offsets) with the dispatch of moe_dispatch.
-  m.def("moe_experts_forward(Tensor x, Tensor weights, Tensor expert_ids, Tensor gate_up_proj, Tensor down_proj) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // backward), sorted_slot, slot_pos, offsets) with the dispatch of moe_dispatch. atomic_combine: opt in to
+  // the combine fused into the down GEMM with fp32 atomics (CUDA grouped path; not bitwise reproducible).
+  m.def("moe_experts_forward(Tensor x, Tensor weights, Tensor expert_ids, Tensor gate_up_proj, Tensor down_proj, "
+        "bool atomic_combine=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Gradients of moe_experts_forward's y: (grad_x, grad_weights fp32, grad_gate_up_proj, grad_down_proj).
   m.def("moe_experts_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor gate_up_proj, Tensor down_proj, "
         "Tensor gate_up_out, Tensor sorted_slot, Tensor slot_pos, Tensor offsets) -> (Tensor, Tensor, Tensor, Tensor)");

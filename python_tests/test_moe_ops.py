@@ -1,5 +1,7 @@
 """MoE kernel ops (moe_route, moe_dispatch, moe_experts): CPU references, opcheck, compile, autograd, and
 the CUDA kernels against the references (exact integers for routing, the 2x-bf16 error rule for experts)."""
+import functools
+
 import pytest
 import torch
 
@@ -200,7 +202,7 @@ def _rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
 
-def _check_experts_cuda(x, weights, ids, gate_up, down):
+def _check_experts_cuda(x, weights, ids, gate_up, down, kernel=ops.moe_experts):
     """Kernel vs fp32 reference, forward and all gradients: error <= 2x the bf16 eager reference's."""
     T, H = x.shape
     grad_y = torch.randn(T, H, device="cuda", dtype=torch.bfloat16)
@@ -212,7 +214,7 @@ def _check_experts_cuda(x, weights, ids, gate_up, down):
         grads = torch.autograd.grad(y, [leaves[0], w, leaves[1], leaves[2]], grad_y.to(dtype))
         return [y.float(), *(g.float() for g in grads)]
 
-    got = run(ops.moe_experts, torch.bfloat16)
+    got = run(kernel, torch.bfloat16)
     exact = run(ref.moe_experts, torch.float32)
     eager = run(ref.moe_experts, torch.bfloat16)
     names = ["y", "grad_x", "grad_weights", "grad_gate_up", "grad_down"]
@@ -232,6 +234,19 @@ def test_cuda_experts_forward_backward(T, H, I, experts_path):
     weights, ids = _routing(T, E, k, "cuda")
     gate_up, down = _experts(E, H, I, torch.bfloat16, "cuda")
     _check_experts_cuda(x, weights, ids, gate_up, down)
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 513])
+def test_cuda_experts_atomic_combine(T, monkeypatch):
+    """The opt-in combine fused into the down GEMM (fp32 atomics): the same error bound as the default."""
+    monkeypatch.setenv("RINGKERN_MOE_SMALL_SLOTS", "0")
+    monkeypatch.setenv("RINGKERN_MOE_CUTLASS", "require")  # an error if the CUTLASS kernels decline
+    E, H, I, k = 16, 256, 128, 4
+    x = torch.randn(T, H, device="cuda").bfloat16()
+    weights, ids = _routing(T, E, k, "cuda")
+    gate_up, down = _experts(E, H, I, torch.bfloat16, "cuda")
+    _check_experts_cuda(x, weights, ids, gate_up, down, functools.partial(ops.moe_experts, atomic_combine=True))
 
 
 @requires_cuda

@@ -38,9 +38,10 @@ Dispatch dispatch_slots(const at::Tensor& expert_ids, int64_t num_experts);
 
 // Routed SwiGLU experts, forward: (y [T, H], gate_up_out [S, 2I] (pre-activation, sorted order, kept
 // for the backward), sorted_slot, slot_pos, offsets). bf16; deterministic; no host sync.
+// atomic_combine: the grouped path's down GEMM adds its rows into an fp32 [T, H] buffer with atomics (opt-in).
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_forward_cuda(
     const at::Tensor& x, const at::Tensor& weights, const at::Tensor& expert_ids, const at::Tensor& gate_up_proj,
-    const at::Tensor& down_proj);
+    const at::Tensor& down_proj, bool atomic_combine);
 
 // Backward of moe_experts_forward: (grad_x [T, H], grad_weights [T, k] fp32, grad_gate_up_proj [E, 2I, H],
 // grad_down_proj [E, H, I]). Recomputes the gathered rows and the SwiGLU activation from gate_up_out.

@@ -547,7 +547,7 @@ bool checked(bool ran, CutlassUse use, const char* gemm) {
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_forward_cuda(
     const at::Tensor& x, const at::Tensor& weights, const at::Tensor& expert_ids, const at::Tensor& gate_up_proj,
-    const at::Tensor& down_proj) {
+    const at::Tensor& down_proj, bool atomic_combine) {
   check_experts_inputs(x, weights, gate_up_proj, down_proj);
   check_same_device(expert_ids, x, "expert_ids");
   RK_CHECK_ARG(expert_ids.sizes() == weights.sizes(), "expert_ids", "expected ", weights.sizes(), ", got ",
@@ -578,7 +578,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
   }
   // The routing weights scale the down projection's rows in its epilogue; the combine then only sums.
   const auto w_sorted = weights.view(-1).index_select(0, sorted_slot);  // [S]
-  auto y_sorted = at::empty({S, x.size(1)}, x.options());              // [S, H]
+  if (atomic_combine && cutlass != CutlassUse::kOff) {  // opt-in: the combine fused too (fp32 atomics)
+    auto y32 = at::zeros({T, x.size(1)}, x.options().dtype(at::kFloat));
+    if (checked(moe::grouped_down_combine_sm90(act, down_proj, offsets, w_sorted.data_ptr<float>(),
+                                               sorted_slot.data_ptr<int32_t>(), static_cast<int>(k), y32, stream),
+                cutlass, "down (atomic combine)")) {
+      return {y32.to(x.scalar_type()), gate_up_out, sorted_slot, slot_pos, offsets};
+    }
+  }
+  auto y_sorted = at::empty({S, x.size(1)}, x.options());  // [S, H]
   if (cutlass != CutlassUse::kOff &&
       checked(moe::grouped_down_sm90(act, down_proj, offsets, w_sorted.data_ptr<float>(), y_sorted, stream), cutlass,
               "down")) {

@@ -67,6 +67,9 @@ struct EpilogueArgs {
   Bf16* act = nullptr;                // [S, N / 2] (SwiGLU only)
   const float* row_scale = nullptr;   // [S] or nullptr (down only)
   const int32_t* offsets = nullptr;   // [E] cumulative ends
+  float* combine_out = nullptr;       // [T, N] fp32: rows added at their tokens instead of stored (down only)
+  const int32_t* sorted_slot = nullptr;  // [S] slot (token * k + j) of each sorted row, with combine_out
+  int k = 1;
   int64_t ld_out = 0;
   int64_t ld_act = 0;
 };
@@ -152,6 +155,7 @@ class MoeEpilogue {
   static bool can_implement(PS const&, Arguments const& args) {
     // 16-byte stores of 8 output columns, 8-byte stores of 4 act columns.
     const auto aligned = [](const void* p, int64_t bytes) { return reinterpret_cast<uintptr_t>(p) % bytes == 0; };
+    if (args.combine_out) return !kSwiGLU && args.offsets && args.sorted_slot && args.ld_out % 2 == 0;
     return args.out && args.offsets && aligned(args.out, 16) && args.ld_out % 8 == 0 &&
            (!kSwiGLU || (args.act && aligned(args.act, 8) && args.ld_act % 4 == 0));
   }
@@ -243,6 +247,25 @@ class MoeEpilogue {
           // This lane stores columns [col, col + 8) of the tile: 8-column group 4h + q of the quad's 4.
           const int col = n0 + int(get<1>(tCcD(make_coord(0, 0, 4 * h), mm, nn))) - 2 * q + 8 * q;
           const bool col_ok = col + 8 <= N;  // N % 8 == 0 (checked on the host)
+          if constexpr (!kSwiGLU) {
+            if (params_.combine_out != nullptr) {  // opt-in fused combine: fp32 atomics at the token's row
+              CUTLASS_PRAGMA_UNROLL
+              for (int half = 0; half < 2; ++half) {
+                if (!row_ok[half]) continue;
+                float* dst = params_.combine_out + int64_t(params_.sorted_slot[row[half]] / params_.k) * params_.ld_out;
+                CUTLASS_PRAGMA_UNROLL
+                for (int j = 0; j < 4; ++j) {
+                  const int n = n0 + int(get<1>(tCcD(make_coord(0, half, 4 * h + j), mm, nn)));  // even
+                  if (n < N) {
+                    atomicAdd(reinterpret_cast<float2*>(dst + n),
+                              make_float2(scale[half] * acc(make_coord(0, half, 4 * h + j), mm, nn),
+                                          scale[half] * acc(make_coord(1, half, 4 * h + j), mm, nn)));
+                  }
+                }
+              }
+              continue;
+            }
+          }
           float act_f[2][4];                 // act of group 4h + j for rows r, r + 8
           CUTLASS_PRAGMA_UNROLL
           for (int half = 0; half < 2; ++half) {
@@ -463,6 +486,35 @@ bool grouped_down_sm90(const at::Tensor& act, const at::Tensor& w_down, const at
   if (S == 0) return true;
   EpilogueArgs epilogue;
   epilogue.out = reinterpret_cast<Bf16*>(y_sorted.data_ptr());
+  epilogue.row_scale = row_scale;
+  epilogue.offsets = offsets.data_ptr<int32_t>();
+  epilogue.ld_out = H;
+  return dispatch<false>(reinterpret_cast<const Bf16*>(act.data_ptr()),
+                         reinterpret_cast<const Bf16*>(w_down.data_ptr()), offsets, int(E), int(H), int(I), epilogue,
+                         stream);
+#endif
+}
+
+bool grouped_down_combine_sm90(const at::Tensor& act, const at::Tensor& w_down, const at::Tensor& offsets,
+                               const float* row_scale, const int32_t* sorted_slot, int k, at::Tensor& y32,
+                               cudaStream_t stream) {
+#if !defined(RINGKERN_WITH_CUTLASS)
+  return false;
+#else
+  if (!is_bf16_cuda_contiguous(act, 2) || !is_bf16_cuda_contiguous(w_down, 3) || !y32.is_cuda() ||
+      y32.scalar_type() != at::kFloat || y32.dim() != 2 || !y32.is_contiguous() || k < 1) {
+    return false;
+  }
+  const int64_t S = act.size(0), I = act.size(1), E = w_down.size(0), H = w_down.size(1);
+  if (w_down.size(2) != I || y32.size(1) != H || y32.size(0) * k != S || y32.get_device() != act.get_device() ||
+      !supported(act, w_down, offsets, S, E, H, I)) {
+    return false;
+  }
+  if (S == 0) return true;
+  EpilogueArgs epilogue;
+  epilogue.combine_out = y32.data_ptr<float>();
+  epilogue.sorted_slot = sorted_slot;
+  epilogue.k = k;
   epilogue.row_scale = row_scale;
   epilogue.offsets = offsets.data_ptr<int32_t>();
   epilogue.ld_out = H;

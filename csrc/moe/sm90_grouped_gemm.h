@@ -23,4 +23,11 @@ bool grouped_gate_up_swiglu_sm90(const at::Tensor& x_sorted, const at::Tensor& w
 bool grouped_down_sm90(const at::Tensor& act, const at::Tensor& w_down, const at::Tensor& offsets,
                        const float* row_scale /* [S] or nullptr */, at::Tensor& y_sorted, cudaStream_t stream);
 
+// The same GEMM with the combine fused (an explicit opt-in: not bitwise reproducible): instead of storing
+// y_sorted, each row p adds row_scale[p] * (act @ w_down[e]^T)[p] into y32 [T, H] fp32 (zeroed by the caller)
+// at token sorted_slot[p] / k with fp32 atomics.
+bool grouped_down_combine_sm90(const at::Tensor& act, const at::Tensor& w_down, const at::Tensor& offsets,
+                               const float* row_scale, const int32_t* sorted_slot, int k, at::Tensor& y32,
+                               cudaStream_t stream);
+
 }  // namespace ringkern::moe

@@ -91,12 +91,14 @@ def moe_dispatch(expert_ids: torch.Tensor, num_experts: int
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
-                gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> torch.Tensor:
+                gate_up_proj: torch.Tensor, down_proj: torch.Tensor, atomic_combine: bool = False) -> torch.Tensor:
     """Routed SwiGLU experts combined with their routing weights (contract: :func:`reference.moe_experts`).
 
     x [T, H], weights [T, k] fp32, expert_ids [T, k], gate_up_proj [E, 2I, H], down_proj [E, H, I] -> [T, H].
     Differentiable in x, weights and both projections. On CUDA with bf16 tensors: grouped GEMMs over
     expert-sorted rows, no host sync (graph-capturable), deterministic; other CUDA dtypes use the reference.
+    atomic_combine=True opts in to the combine fused into the down GEMM's epilogue with fp32 atomics (the
+    CUTLASS grouped path, T above the few-rows kernels' range): not bitwise reproducible run to run.
     Under autocast x and both projections run in autocast's dtype (the trainer keeps fp32 master weights).
     """
     if x.is_cuda:
@@ -106,7 +108,7 @@ def moe_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor
         return reference.moe_experts(x, weights, expert_ids, gate_up_proj, down_proj)
     return torch.ops.ringkern.moe_experts_forward(x.contiguous(), weights.contiguous(),
                                                   expert_ids.contiguous(), gate_up_proj.contiguous(),
-                                                  down_proj.contiguous())[0]
+                                                  down_proj.contiguous(), atomic_combine)[0]
 
 
 # ------------------------------------------------------------- log-probs and losses

@@ -139,7 +139,7 @@ def _register_moe() -> None:
                 expert_ids.new_empty(S, dtype=torch.int32), expert_ids.new_empty(S, dtype=torch.int32))
 
     @torch.library.register_fake("ringkern::moe_experts_forward")
-    def _(x, weights, expert_ids, gate_up_proj, down_proj):
+    def _(x, weights, expert_ids, gate_up_proj, down_proj, atomic_combine=False):
         S = expert_ids.numel()
         E = gate_up_proj.shape[0]
         return (torch.empty_like(x), x.new_empty(S, gate_up_proj.shape[1]), x.new_empty(S, dtype=torch.int32),

@@ -58,9 +58,10 @@ def _expert_slices(offsets: torch.Tensor) -> list[tuple[int, int, int]]:
 
 
 def moe_experts_forward(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
-                        gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+                        gate_up_proj: torch.Tensor, down_proj: torch.Tensor, atomic_combine: bool = False
                         ) -> tuple[torch.Tensor, ...]:
-    """(y [T, H], gate_up_out [S, 2I], sorted_slot, slot_pos, offsets); y as reference.moe_experts computes it."""
+    """(y [T, H], gate_up_out [S, 2I], sorted_slot, slot_pos, offsets); y as reference.moe_experts computes it.
+    atomic_combine (a CUDA kernel option) changes nothing here."""
     T, H = x.shape
     E, two_i, _ = gate_up_proj.shape
     k = expert_ids.shape[1]
