@@ -104,9 +104,9 @@ def main() -> None:
     print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
     rows, results = [], {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "runs": []}
 
-    def ours(x):
+    def ours(x, atomic_combine=False):
         w, ids, _ = ops.moe_route(ops.router_logits(x, router), bias, **ROUTE)
-        return ops.moe_experts(x, w, ids, gate_up, down)
+        return ops.moe_experts(x, w, ids, gate_up, down, atomic_combine=atomic_combine)
 
     def baseline(x):
         w, ids, _ = ref.moe_route(x.float() @ router.float().t(), bias, **ROUTE)
@@ -135,6 +135,11 @@ def main() -> None:
                     t_paths[name] = median_ms(lambda: ours(pick()), reps)
                     for key in env:
                         del os.environ[key]
+            if T >= 512:  # the opt-in atomic combine (CUTLASS grouped path)
+                os.environ.update(EXPERT_PATHS["cutlass"])
+                t_paths["cutlass_atomic_combine"] = median_ms(lambda: ours(pick(), atomic_combine=True), reps)
+                for key in EXPERT_PATHS["cutlass"]:
+                    del os.environ[key]
             t_base = median_ms(lambda: baseline(pick()), reps)
             t_loop = median_ms(lambda: loop(pick()), 3, warmup=1) if T <= 512 else None
             t_route = median_ms(lambda: ops.moe_route(logits, bias, **ROUTE), reps)
