@@ -88,6 +88,11 @@ def bench_fused(x: dict, reps: int, flops: float) -> dict:
         fwd = lambda: ops.token_logprobs(x["hidden"], x["weight"], x["targets"])  # noqa: E731
         out["logprobs_fwd_ms"] = median_ms(fwd, reps)
         out["logprobs_fwd_extra_gib"] = extra_peak_gib(fwd, 0)
+        for name, key, value in (("chunked", "RINGKERN_LOGPROB_STATS_GEMM", "0"),  # the other forward paths
+                                 ("cooperative", "RINGKERN_LOGPROB_STATS_TILE", "cooperative")):
+            os.environ[key] = value
+            out[f"logprobs_fwd_{name}_ms"] = median_ms(fwd, reps)
+            del os.environ[key]
     out["logprobs_fwd_tflops"] = flops / 3 / out["logprobs_fwd_ms"] / 1e9
     return out
 

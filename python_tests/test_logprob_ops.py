@@ -201,9 +201,16 @@ def cuda_linear_inputs(T, H, V, dtype=torch.bfloat16):
 
 
 @requires_cuda
-@pytest.mark.parametrize("V", [1000, 50257])
+@pytest.mark.parametrize("V", [3, 1000, 50257])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_token_logprobs_bf16_vs_fp64(V, temperature):
+@pytest.mark.parametrize("stats", ["stats_gemm", "stats_gemm_cooperative", "chunked"])
+def test_token_logprobs_bf16_vs_fp64(V, temperature, stats, monkeypatch):
+    """The forward: the CUTLASS GEMM reducing logits to statistics in its epilogue (both tiles), or the
+    chunked pass through fp32 logits."""
+    monkeypatch.setenv("RINGKERN_LOGPROB_STATS_GEMM", "0" if stats == "chunked" else "require")
+    monkeypatch.setenv("RINGKERN_LOGPROB_STATS_TILE", "cooperative" if stats.endswith("cooperative") else "pingpong")
+    if stats == "stats_gemm":
+        monkeypatch.setenv("RINGKERN_LOGPROB_STATS_CHUNK_ROWS", "16")  # 3 GEMMs: exercises the chunk loop
     hidden, weight, targets = cuda_linear_inputs(37, 96, V)
     logp, ent = ops.token_logprobs(hidden, weight, targets, temperature, return_entropy=True)
     logp64, ent64 = ref.token_logprobs(hidden.double(), weight.double(), targets, temperature, True)

@@ -13,6 +13,7 @@
 
 #include "../common/blas.h"
 #include "sm90_gemm.h"
+#include "sm90_logits_stats.h"
 
 namespace ringkern::logprob {
 namespace {
@@ -300,6 +301,17 @@ void run_pass_typed(const PassArgs& p) {
   }
 }
 
+// Whether the statistics-only pass of bf16 inputs takes the CUTLASS GEMM that reduces its logits to per-token
+// statistics in its epilogue (sm90_logits_stats.cu: no logits in memory at all). RINGKERN_LOGPROB_STATS_GEMM:
+// "0" keeps the chunked cuBLAS pass (for comparison); "require" makes a decline an error (tests).
+enum class StatsGemm { kOff, kPrefer, kRequire };
+
+StatsGemm stats_gemm_mode() {
+  const char* env = std::getenv("RINGKERN_LOGPROB_STATS_GEMM");
+  if (env && std::string(env) == "0") return StatsGemm::kOff;
+  return env && std::string(env) == "require" ? StatsGemm::kRequire : StatsGemm::kPrefer;
+}
+
 }  // namespace
 
 void run_chunked_pass(const PassArgs& args) {
@@ -307,6 +319,17 @@ void run_chunked_pass(const PassArgs& args) {
   if (args.hidden.size(0) == 0) {
     if (grads && args.grad_weight.defined() && !args.accumulate_grad_weight) args.grad_weight.zero_();
     return;
+  }
+  const StatsGemm stats_gemm = stats_gemm_mode();
+  if (!grads && args.hidden.scalar_type() == at::kBFloat16 && stats_gemm != StatsGemm::kOff) {
+    if (token_stats_sm90(args.hidden, args.weight, args.targets.data_ptr<int64_t>(),
+                         static_cast<float>(1.0 / args.temperature), args.logp.data_ptr<float>(),
+                         args.entropy.data_ptr<float>(), args.lse.data_ptr<float>(),
+                         at::cuda::getCurrentCUDAStream())) {
+      return;
+    }
+    TORCH_CHECK(stats_gemm != StatsGemm::kRequire,
+                "ringkern: the CUTLASS logits-statistics GEMM declined and RINGKERN_LOGPROB_STATS_GEMM=require");
   }
   if (args.hidden.scalar_type() == at::kBFloat16) {
     run_pass_typed<c10::BFloat16>(args);

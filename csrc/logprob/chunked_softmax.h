@@ -7,6 +7,8 @@
 // d(loss)/d(logits) in the inputs' dtype (row stride unchanged in bytes); two more GEMMs turn that into
 // the chunk's grad_hidden rows (cuBLAS) and its contribution to grad_weight (accumulated in fp32 or in the
 // weight's dtype, never re-read as logits; bf16 into fp32 on a CUTLASS kernel, sm90_gemm.cu).
+// The statistics-only pass of bf16 inputs (token_logprobs' forward) needs no logits at all on Hopper: a
+// CUTLASS GEMM reduces each output tile to per-token statistics in its epilogue (sm90_logits_stats.cu).
 #pragma once
 #include <torch/types.h>
 
