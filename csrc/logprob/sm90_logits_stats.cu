@@ -448,7 +448,6 @@ bool run_stats(const Bf16* hidden, const Bf16* weight, const int64_t* targets, i
   RasterOrderOptions raster = RasterOrderOptions::AlongM;  // consecutive tiles share their weight tile
   if (env_is("RINGKERN_LOGPROB_STATS_RASTER", "n")) raster = RasterOrderOptions::AlongN;
   if (env_is("RINGKERN_LOGPROB_STATS_RASTER", "auto")) raster = RasterOrderOptions::Heuristic;
-  const int swizzle = int(std::clamp<int64_t>(env_int("RINGKERN_LOGPROB_STATS_SWIZZLE", 1), 1, 8));
 
   auto make_args = [&](int64_t start, int64_t n, float* partials) {
     StatsArgs epi;
@@ -465,7 +464,6 @@ bool run_stats(const Bf16* hidden, const Bf16* weight, const int64_t* targets, i
         epi,
         hw};
     args.scheduler.raster_order = raster;
-    args.scheduler.max_swizzle_size = swizzle;
     return args;
   };
 
