@@ -10,22 +10,7 @@
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAFunctions.h>
 
-#include <map>
-#include <mutex>
-
-// CUTLASS's device code without assert(): a call to the assert handler inside the kernel splits its wgmma
-// pipeline (ptxas C7510: the wgmma instructions are then serialized).
-#ifndef NDEBUG
-#define NDEBUG
-#include <cassert>
-#endif
-#include <cute/tensor.hpp>
-#include <cutlass/cutlass.h>
-#include <cutlass/epilogue/collective/collective_builder.hpp>
-#include <cutlass/gemm/collective/collective_builder.hpp>
-#include <cutlass/gemm/device/gemm_universal_adapter.h>
-#include <cutlass/gemm/kernel/gemm_universal.hpp>
-#include <cutlass/kernel_hardware_info.hpp>
+#include "../common/cutlass_sm90.h"
 #endif
 
 namespace ringkern::logprob {
@@ -53,16 +38,6 @@ using Mainloop = typename cutlass::gemm::collective::CollectiveBuilder<
 using Kernel = cutlass::gemm::kernel::GemmUniversal<Shape<int, int, int, int>, Mainloop, Epilogue>;
 using Gemm = cutlass::gemm::device::GemmUniversalAdapter<Kernel>;
 
-int sm_count(int device) {
-  static std::mutex mutex;
-  static std::map<int, int> counts;
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto it = counts.find(device);
-  if (it == counts.end()) {
-    it = counts.emplace(device, cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device)).first;
-  }
-  return it->second;
-}
 
 }  // namespace
 #endif

@@ -30,23 +30,8 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstring>
-#include <map>
-#include <mutex>
 
-// CUTLASS's device code without assert(): a call to the assert handler inside the kernel splits its wgmma
-// pipeline (ptxas C7510: the wgmma instructions are then serialized).
-#ifndef NDEBUG
-#define NDEBUG
-#include <cassert>
-#endif
-#include <cute/tensor.hpp>
-#include <cutlass/cutlass.h>
-#include <cutlass/epilogue/dispatch_policy.hpp>
-#include <cutlass/gemm/collective/collective_builder.hpp>
-#include <cutlass/gemm/device/gemm_universal_adapter.h>
-#include <cutlass/gemm/kernel/gemm_universal.hpp>
-#include <cutlass/kernel_hardware_info.hpp>
-#include <cutlass/pipeline/pipeline.hpp>
+#include "../common/cutlass_sm90.h"
 #endif
 
 namespace ringkern::logprob {
@@ -369,16 +354,6 @@ using PingpongConfig = StatsGemm<cutlass::gemm::KernelTmaWarpSpecializedPingpong
 using CooperativeConfig = StatsGemm<cutlass::gemm::KernelTmaWarpSpecializedCooperative, Shape<_128, _256, _64>,
                                     Shape<_2, _1, _1>>;
 
-int sm_count(int device) {
-  static std::mutex mutex;
-  static std::map<int, int> counts;
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto it = counts.find(device);
-  if (it == counts.end()) {
-    it = counts.emplace(device, cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device)).first;
-  }
-  return it->second;
-}
 
 constexpr int kMergeWarps = 8;
 

@@ -29,24 +29,8 @@
 
 #include <cstdlib>
 #include <cstring>
-#include <map>
-#include <mutex>
 
-// CUTLASS's device code without assert(): a call to the assert handler inside the kernel splits its wgmma
-// pipeline (ptxas C7510: the wgmma instructions are then serialized).
-#ifndef NDEBUG
-#define NDEBUG
-#include <cassert>
-#endif
-#include <cute/tensor.hpp>
-#include <cutlass/cutlass.h>
-#include <cutlass/epilogue/dispatch_policy.hpp>
-#include <cutlass/gemm/collective/collective_builder.hpp>
-#include <cutlass/gemm/device/gemm_universal_adapter.h>
-#include <cutlass/gemm/group_array_problem_shape.hpp>
-#include <cutlass/gemm/kernel/gemm_universal.hpp>
-#include <cutlass/kernel_hardware_info.hpp>
-#include <cutlass/pipeline/pipeline.hpp>
+#include "../common/cutlass_sm90.h"
 #endif
 
 namespace ringkern::moe {
@@ -343,16 +327,6 @@ bool cooperative_tile() {
   return env != nullptr && std::strcmp(env, "cooperative") == 0;
 }
 
-int sm_count(int device) {
-  static std::mutex mutex;
-  static std::map<int, int> counts;
-  const std::lock_guard<std::mutex> lock(mutex);
-  auto it = counts.find(device);
-  if (it == counts.end()) {
-    it = counts.emplace(device, cutlass::KernelHardwareInfo::query_device_multiprocessor_count(device)).first;
-  }
-  return it->second;
-}
 
 // Per expert e: problem shape (M_e, N, K), A = a + start_e * K, B = b + e * N * K, strides (K, 1, 0).
 __global__ void setup_groups_kernel(const int32_t* __restrict__ offsets, int E, int N, int K, const Bf16* a,
