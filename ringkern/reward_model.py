@@ -313,19 +313,43 @@ def train_reward_model(model: RewardModel, train_pairs: PreferenceDataset, *, st
 
 def _average_over_ranks(model: nn.Module, tokens_per_expert: dict[int, torch.Tensor],
                         *metrics: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Data parallelism of :func:`train_reward_model`: all-reduce the gradients (mean; parameters without a
-    gradient, such as the unused lm_head, have none on every rank), the token counts (sum, in place) and
-    ``metrics`` (scalars, mean)."""
+    """Data parallelism of :func:`train_reward_model`: all-reduce the gradients (mean, in buckets of up to
+    ``_BUCKET_BYTES``; parameters without a gradient, such as the unused lm_head, have none on every rank),
+    the token counts (sum, in place) and ``metrics`` (scalars, mean)."""
     world = dist.get_world_size()
-    for p in model.parameters():
-        if p.grad is not None:
-            dist.all_reduce(p.grad)
-            p.grad.div_(world)
-    for counts in tokens_per_expert.values():
-        dist.all_reduce(counts)
+    for bucket in _buckets([p.grad for p in model.parameters() if p.grad is not None], _BUCKET_BYTES):
+        flat = torch.cat([g.reshape(-1) for g in bucket])
+        dist.all_reduce(flat)
+        flat.div_(world)
+        for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+            g.copy_(part.view_as(g))
+    for bucket in _buckets(list(tokens_per_expert.values()), _BUCKET_BYTES):
+        flat = torch.cat([c.reshape(-1) for c in bucket])
+        dist.all_reduce(flat)
+        for c, part in zip(bucket, flat.split([c.numel() for c in bucket])):
+            c.copy_(part.view_as(c))
     stacked = torch.stack([m.float() for m in metrics])
     dist.all_reduce(stacked)
     return tuple((stacked / world).unbind())
+
+
+_BUCKET_BYTES = 64 << 20
+
+
+def _buckets(tensors: list[torch.Tensor], max_bytes: int) -> list[list[torch.Tensor]]:
+    """Consecutive runs of ``tensors`` with one dtype and device, each at most ``max_bytes`` (or one tensor)."""
+    out: list[list[torch.Tensor]] = []
+    size = 0
+    for t in tensors:
+        nbytes = t.numel() * t.element_size()
+        last = out[-1] if out else None
+        if last is None or (t.dtype, t.device) != (last[0].dtype, last[0].device) or size + nbytes > max_bytes:
+            out.append([t])
+            size = nbytes
+        else:
+            last.append(t)
+            size += nbytes
+    return out
 
 
 def _check_pairs(name: str, pairs) -> None:
