@@ -6,8 +6,9 @@ On disk (the layout of the published checkpoints): ``config.json``, sharded
 (``model.layers.N.mlp.experts.{e}.{gate,up,down}_proj.weight``); expert biases are fp32.
 
 In memory, :class:`ringkern.model.RingFlashModel` stacks each MoE layer's experts for grouped GEMMs:
-``experts.gate_up_proj`` [E, 2I, H] (gate and up rows interleaved: row 2i is gate_i, 2i + 1 up_i) and ``experts.down_proj`` [E, H, I]. The
-mapping between the two is :func:`published_to_model`; everything else has the same name.
+``experts.gate_up_proj`` [E, 2I, H] (gate and up rows interleaved: row 2i is gate_i, 2i + 1 up_i) and
+``experts.down_proj`` [E, H, I]. The mapping between the two is :func:`published_to_model`; everything else
+has the same name.
 
 Both directions stream one tensor at a time, so a 100B checkpoint never needs a second copy of the
 model in memory: :func:`save_pretrained` writes the safetensors files itself from precomputed headers,

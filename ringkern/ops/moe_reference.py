@@ -87,7 +87,8 @@ def moe_experts_backward(grad_y: torch.Tensor, x: torch.Tensor, weights: torch.T
 
     With g, u = gate_up_out (per slot), a = silu(g) u, w the slot's routing weight, dy the token's gradient:
     G = dy W_down[e]; grad_w = <G, a>; dA = w G; d_gate = dA u silu'(g); d_up = dA silu(g);
-    grad W_down[e] = sum dy^T (w a); grad W_gu[e] = sum d_gu^T x; grad x = sum d_gu W_gu[e], d_gu = d_gate, d_up interleaved.
+    grad W_down[e] = sum dy^T (w a); grad W_gu[e] = sum d_gu^T x; grad x = sum d_gu W_gu[e], with d_gu the
+    interleaved d_gate, d_up.
     """
     T, H = x.shape
     k = weights.shape[1]
