@@ -25,6 +25,21 @@ def test_padding_does_not_count_in_the_expert_load(tiny):
         assert int(counts.sum()) == (9 + 4) * tiny.config.num_experts_per_tok
 
 
+def test_load_mask_picks_the_tokens_that_count(tiny):
+    """load_mask overrides the attention mask for the expert load only: the same outputs, other counts."""
+    ids = torch.randint(3, 97, (2, 9))
+    mask = torch.ones(2, 9, dtype=torch.bool)
+    load = mask.clone()
+    load[0] = False  # e.g. a data-parallel rank's stand-in sequence
+    out, ref = tiny(ids, attention_mask=mask, load_mask=load), tiny(ids, attention_mask=mask)
+    torch.testing.assert_close(out.logits, ref.logits, rtol=0, atol=0)
+    for layer, counts in out.tokens_per_expert.items():
+        counted = out.expert_ids[layer][load].reshape(-1).long()
+        assert torch.equal(counts.long(), torch.bincount(counted, minlength=tiny.config.num_experts)), layer
+    none = tiny(ids, attention_mask=mask, load_mask=torch.zeros_like(mask))
+    assert all(int(c.sum()) == 0 for c in none.tokens_per_expert.values())
+
+
 def test_forward_outputs(tiny):
     ids = torch.randint(0, 97, (2, 11))
     out = tiny(ids)
