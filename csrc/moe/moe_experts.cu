@@ -576,8 +576,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
     gate_up_out = at::_grouped_mm(x_sorted, gate_up_proj.transpose(1, 2), offsets);
     swiglu(gate_up_out, act, stream);
   }
-  // The routing weights scale the down projection's rows in its epilogue; the combine then only sums.
-  const auto w_sorted = weights.view(-1).index_select(0, sorted_slot);  // [S]
+  // With CUTLASS the routing weights scale the down projection's rows in its epilogue; the combine only sums.
+  const auto w_sorted = cutlass != CutlassUse::kOff ? weights.view(-1).index_select(0, sorted_slot)  // [S]
+                                                    : at::Tensor();
   if (atomic_combine && cutlass != CutlassUse::kOff) {  // opt-in: the combine fused too (fp32 atomics)
     auto y32 = at::zeros({T, x.size(1)}, x.options().dtype(at::kFloat));
     if (checked(moe::grouped_down_combine_sm90(act, down_proj, offsets, w_sorted.data_ptr<float>(),

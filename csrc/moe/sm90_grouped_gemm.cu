@@ -443,29 +443,40 @@ bool grouped_gate_up_swiglu_sm90(const at::Tensor& x_sorted, const at::Tensor& w
 #endif
 }
 
-bool grouped_down_sm90(const at::Tensor& act, const at::Tensor& w_down, const at::Tensor& offsets,
-                       const float* row_scale, at::Tensor& y_sorted, cudaStream_t stream) {
-#if !defined(RINGKERN_WITH_CUTLASS)
-  return false;
-#else
-  if (!is_bf16_cuda_contiguous(act, 2) || !is_bf16_cuda_contiguous(w_down, 3) ||
-      !is_bf16_cuda_contiguous(y_sorted, 2)) {
-    return false;
-  }
+#if defined(RINGKERN_WITH_CUTLASS)
+namespace {
+
+// The down GEMM of both calls below, given the epilogue's output fields: the input checks, then the launch.
+bool run_down(const at::Tensor& act, const at::Tensor& w_down, const at::Tensor& offsets, const float* row_scale,
+              EpilogueArgs epilogue, cudaStream_t stream) {
+  if (!is_bf16_cuda_contiguous(act, 2) || !is_bf16_cuda_contiguous(w_down, 3)) return false;
   const int64_t S = act.size(0), I = act.size(1), E = w_down.size(0), H = w_down.size(1);
-  if (w_down.size(2) != I || y_sorted.size(0) != S || y_sorted.size(1) != H ||
-      y_sorted.get_device() != act.get_device() || !supported(act, w_down, offsets, S, E, H, I)) {
-    return false;
-  }
+  if (w_down.size(2) != I || !supported(act, w_down, offsets, S, E, H, I)) return false;
   if (S == 0) return true;
-  EpilogueArgs epilogue;
-  epilogue.out = reinterpret_cast<Bf16*>(y_sorted.data_ptr());
   epilogue.row_scale = row_scale;
   epilogue.offsets = offsets.data_ptr<int32_t>();
   epilogue.ld_out = H;
   return dispatch<false>(reinterpret_cast<const Bf16*>(act.data_ptr()),
                          reinterpret_cast<const Bf16*>(w_down.data_ptr()), offsets, int(E), int(H), int(I), epilogue,
                          stream);
+}
+
+}  // namespace
+#endif
+
+bool grouped_down_sm90(const at::Tensor& act, const at::Tensor& w_down, const at::Tensor& offsets,
+                       const float* row_scale, at::Tensor& y_sorted, cudaStream_t stream) {
+#if !defined(RINGKERN_WITH_CUTLASS)
+  return false;
+#else
+  if (!is_bf16_cuda_contiguous(y_sorted, 2) || act.dim() != 2 || w_down.dim() != 3 ||
+      y_sorted.size(0) != act.size(0) || y_sorted.size(1) != w_down.size(1) ||
+      y_sorted.get_device() != act.get_device()) {
+    return false;
+  }
+  EpilogueArgs epilogue;
+  epilogue.out = reinterpret_cast<Bf16*>(y_sorted.data_ptr());
+  return run_down(act, w_down, offsets, row_scale, epilogue, stream);
 #endif
 }
 
@@ -475,26 +486,16 @@ bool grouped_down_combine_sm90(const at::Tensor& act, const at::Tensor& w_down, 
 #if !defined(RINGKERN_WITH_CUTLASS)
   return false;
 #else
-  if (!is_bf16_cuda_contiguous(act, 2) || !is_bf16_cuda_contiguous(w_down, 3) || !y32.is_cuda() ||
-      y32.scalar_type() != at::kFloat || y32.dim() != 2 || !y32.is_contiguous() || k < 1) {
+  if (!y32.is_cuda() || y32.scalar_type() != at::kFloat || y32.dim() != 2 || !y32.is_contiguous() || k < 1 ||
+      act.dim() != 2 || w_down.dim() != 3 || y32.size(1) != w_down.size(1) || y32.size(0) * k != act.size(0) ||
+      y32.get_device() != act.get_device()) {
     return false;
   }
-  const int64_t S = act.size(0), I = act.size(1), E = w_down.size(0), H = w_down.size(1);
-  if (w_down.size(2) != I || y32.size(1) != H || y32.size(0) * k != S || y32.get_device() != act.get_device() ||
-      !supported(act, w_down, offsets, S, E, H, I)) {
-    return false;
-  }
-  if (S == 0) return true;
   EpilogueArgs epilogue;
   epilogue.combine_out = y32.data_ptr<float>();
   epilogue.sorted_slot = sorted_slot;
   epilogue.k = k;
-  epilogue.row_scale = row_scale;
-  epilogue.offsets = offsets.data_ptr<int32_t>();
-  epilogue.ld_out = H;
-  return dispatch<false>(reinterpret_cast<const Bf16*>(act.data_ptr()),
-                         reinterpret_cast<const Bf16*>(w_down.data_ptr()), offsets, int(E), int(H), int(I), epilogue,
-                         stream);
+  return run_down(act, w_down, offsets, row_scale, epilogue, stream);
 #endif
 }
 
