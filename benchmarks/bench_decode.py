@@ -93,10 +93,9 @@ def kernels_per_step(engine: Engine) -> tuple[int, float, list[tuple[str, int, f
     """One eager batch-1 decode step (what the graph replays) under the profiler: (kernel launches, summed
     kernel time in ms, the ten kernels with the most total time as (name, count, ms)). Summed kernel time
     well below the graph's step time means gaps between kernels, not slow kernels, cost the step."""
-    engine._tokens.zero_()
-    engine._positions.zero_()
+    engine._decode_in.zero_()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        engine._decode_forward(1)
+        engine._decode_forward(SamplingParams(temperature=0), 1)
         torch.cuda.synchronize()
     kernels = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     top = sorted(kernels, key=lambda e: e.device_time_total, reverse=True)[:10]

@@ -16,10 +16,12 @@ How a call runs:
   the smallest bucket >= n, the spare rows compute on a dummy token) into a CUDA graph replayed with
   static input buffers. The step has no host syncs: cache writes are index_put, attention is SDPA
   with a position mask, and the MoE layers use the sync-free ops of :mod:`ringkern.ops.inference`.
-- Sampling runs eagerly after the step: the sampler branches on the host-known parameters (no sort
-  at all for plain temperature sampling) without a graph per combination, and it is a handful of
-  kernels against the dozens per layer the graph saves. One host sync per step reads the tokens back
-  for stop checks and streaming.
+- The decode step's sampling is part of that graph (one graph per batch bucket and set of sampling
+  filters: the sampler branches on them on the host, no sort at all for plain temperature sampling).
+  Each step's inputs (last token, position, noise key and generated count per row) go to the device in
+  one copy, and its tokens and log-probs come back in one copy, the step's only host sync (stop checks
+  and streaming need them). At batch 1 the host's work between two steps is on the critical path, so
+  it is kept to that.
 
 Speculative decoding (``speculative_tokens=d``): the model's MTP layers draft d tokens per sequence and
 the main model verifies them in one forward over a window of d+1 new positions per row (plus D-1
@@ -37,9 +39,8 @@ standard rejection rule (accept draft x with probability min(1, p(x)/q(x)), p an
 and the draft's filtered distributions; on rejection draw from normalize(max(p - q, 0)); after d
 accepts draw a bonus token from p), so the output distribution is plain sampling's. On CUDA the whole
 step (verify forward, acceptance rule, MTP drafting and draft draws) has no host sync and is captured as
-one CUDA graph per batch bucket and set of sampling filters: unlike plain decoding's few sampling
-kernels, its dozens would otherwise cost more launch time than the step saves. One host sync per step
-reads the committed tokens back.
+one CUDA graph per batch bucket and set of sampling filters, as plain decoding's step is. One host sync
+per step reads the committed tokens back.
 
 Sampling: logits / temperature, then top-k, then top-p (nucleus, over the top-k survivors), then min-p
 (drop tokens below min_p times the top probability), then a Gumbel-max draw. The Gumbel noise of the
@@ -227,6 +228,9 @@ class Engine:
         # window tokens (zeros where its drafts go), then its first position, the number of committed tokens in
         # the window, its noise key and its generated count (see _window_inputs / _unpack_window).
         self._window_in = torch.zeros(max_batch, window + 4, dtype=torch.long, device=self.device)
+        # The plain decode step's static input [R, 4]: each row's last token, its position, noise key and
+        # generated count (see _decode / _decode_forward).
+        self._decode_in = torch.zeros(max_batch, 4, dtype=torch.long, device=self.device)
         self._arange = torch.arange(max(max_batch, window + 1), device=self.device)  # static index vectors
         # Its buffers for the MTP depths: the window's tokens with the committed token and the drafts after it
         # [R, W + D], the draft position's window index [R], and the hidden states that feed depth j (entry
@@ -383,27 +387,36 @@ class Engine:
         count = len(active)
         # On CUDA eager steps use the buckets too, so they run exactly the kernels a graph replays.
         batch = next(b for b in self.batch_buckets if b >= count) if self.device.type == "cuda" else count
-        inputs = torch.zeros(2, batch, 1, dtype=torch.long)  # spare rows: token 0 at position 0
-        inputs[0, :count, 0] = torch.tensor([s.completion.token_ids[-1] for s in active])
-        inputs[1, :count, 0] = torch.tensor([s.length - 1 for s in active])
-        self._tokens[:batch].copy_(inputs[0])
-        self._positions[:batch].copy_(inputs[1])
-        logits, routing = self._step("decode", self._decode_forward, batch)
+        rows = [[s.completion.token_ids[-1], s.length - 1, s.noise_key, len(s.completion.token_ids)] for s in active]
+        rows += [[0, 0, 0, 0]] * (batch - count)  # spare rows: token 0 at position 0
+        self._decode_in[:batch].copy_(torch.tensor(rows))
+        filters = (params.temperature, params.top_k, params.top_p, params.min_p)
+        sampled, routing = self._step(f"decode{filters}", functools.partial(self._decode_forward, params), batch)
         if params.return_expert_ids and self.moe_layers:
             routing = routing[:, :count].cpu()  # [L_moe, count, k]
             for row, s in enumerate(active):
                 s.routing.append(routing[:, row: row + 1])
-        return self._sample(active, logits[:count], params)
+        events = []
+        for s, (token, logprob) in zip(active, sampled[:count].tolist()):
+            events.append(self._append(s, int(token), logprob, params))
+            self._collect_expert_ids(s, params)
+        return events
 
-    def _decode_forward(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The decode step on the static inputs of rows 0..batch-1: (logits [b, V] fp32, ids [L_moe, b, k])."""
+    def _decode_forward(self, params: SamplingParams, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The decode step and its sampling on the static inputs ``_decode_in`` of rows 0..batch-1, without a
+        host sync: (tokens and their log-probs packed for one device-to-host copy [b, 2] fp64, expert ids
+        [L_moe, b, k])."""
+        last, position, keys, steps = self._decode_in[:batch].unbind(1)
+        self._tokens[:batch, 0] = last
+        self._positions[:batch, 0] = position
         out = self.model(self._tokens[:batch], position_ids=self._positions[:batch], kv_cache=self.cache,
                          compute_logits=False, compute_mtp=False)
         logits = self.model.lm_head(out.hidden_states[:, -1]).float()
+        tokens, logprobs = sample(logits, params, keys, steps, self._noise_basis(logits.shape[-1]))
         k = self.config.num_experts_per_tok
         routing = (torch.stack([out.expert_ids[i][:, -1] for i in self.moe_layers]) if self.moe_layers
                    else torch.zeros(0, batch, k, dtype=torch.int32, device=self.device))
-        return logits, routing
+        return torch.stack([tokens.double(), logprobs.double()], dim=1), routing
 
     def _step(self, name: str, forward, batch: int) -> tuple[torch.Tensor, ...]:
         """``forward(batch)`` on the static inputs: replayed from a CUDA graph captured once per (step name,

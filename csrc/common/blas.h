@@ -5,6 +5,8 @@
 #include <c10/util/BFloat16.h>
 #include <cublas_v2.h>
 
+#include "check.h"
+
 #include <limits>
 #include <type_traits>
 
@@ -17,8 +19,8 @@ constexpr cudaDataType_t cuda_dtype() {
 }
 
 inline int blas_int(int64_t v, const char* what) {
-  TORCH_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "ringkern: GEMM ", what, " = ", v,
-              " exceeds cuBLAS's 32-bit sizes");
+  RK_CHECK(v >= 0 && v <= std::numeric_limits<int>::max(), "ringkern: GEMM ", what, " = ", v,
+           " exceeds cuBLAS's 32-bit sizes");
   return static_cast<int>(v);
 }
 
@@ -33,7 +35,7 @@ void gemm(char ta, char tb, int64_t m, int64_t n, int64_t k, const T* a, int64_t
       tb == 't' ? CUBLAS_OP_T : CUBLAS_OP_N, blas_int(m, "m"), blas_int(n, "n"), blas_int(k, "k"), &alpha, a,
       cuda_dtype<T>(), blas_int(lda, "lda"), b, cuda_dtype<T>(), blas_int(ldb, "ldb"), &beta, c, cuda_dtype<C>(),
       blas_int(ldc, "ldc"), CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
-  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "ringkern: cublasGemmEx failed with status ", static_cast<int>(status));
+  RK_CHECK(status == CUBLAS_STATUS_SUCCESS, "ringkern: cublasGemmEx failed with status ", static_cast<int>(status));
 }
 
 }  // namespace ringkern
