@@ -10,6 +10,7 @@ import torch
 
 from conftest import requires_cuda
 from ringkern import Engine, RingConfig, RingFlashModel, SamplingParams, ops
+from ringkern import engine as engine_module
 from ringkern.model import KVCache
 from ringkern.ops import inference
 from ringkern.ops import reference as ref
@@ -177,6 +178,13 @@ def test_greedy_logprobs_are_untempered(model):
 
 
 # ----------------------------------------------------------------------------- stops
+def test_logsumexp_matches_torch_with_filtered_entries():
+    x = torch.randn(3, 1000, dtype=torch.float64) * 20
+    x[1, ::3] = float("-inf")  # filtered tokens
+    x[2, 1:] = float("-inf")  # one survivor
+    torch.testing.assert_close(engine_module.logsumexp(x), torch.logsumexp(x, -1), rtol=1e-12, atol=1e-12)
+
+
 def test_stop_tokens_max_new_tokens_and_eos(model):
     engine = Engine(model, max_batch=2, max_seq_len=24)
     free = engine.generate([PROMPTS[1]], GREEDY)[0]
