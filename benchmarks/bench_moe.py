@@ -9,6 +9,8 @@ Times, in one process, the path from hidden states to the combined routed output
 Also moe_route against its PyTorch reference, and forward+backward at T=16384.
 FLOPs = 6*T*k*H*I (forward); bytes = expert weights touched (distinct experts hit) in bf16.
 Ceilings: 758 TFLOP/s (cuBLAS bf16, measured) and 4.3 TB/s (device copy, measured); see shared/PERF.md.
+For T <= 512 (decode sizes) the same path is also timed replayed from a CUDA graph of 10 calls, as the
+engine's captured decode step runs it (no host launch gaps), against the bandwidth floor.
 Prints a table; writes JSON to $OUT/bench_moe.json when OUT is set.
 Usage: python benchmarks/bench_moe.py [--tokens 1 64 ...] [--reps N]
 """
@@ -23,7 +25,7 @@ import torch.nn.functional as F
 
 from ringkern import ops
 from ringkern.ops import reference as ref
-from timing import median_ms
+from timing import graph_ms, median_ms
 
 H, I, E, K = 4096, 1024, 256, 8
 ROUTE = dict(n_group=8, topk_group=4, top_k=K, routed_scaling_factor=2.5)
@@ -128,6 +130,8 @@ def main() -> None:
             y_ours, y_base = ours(xs[0]), baseline(xs[0])
             agree = ((y_ours.float() - y_base.float()).norm() / y_base.float().norm()).item()
             t_ours = median_ms(lambda: ours(pick()), reps)
+            # decode sizes: also as the engine runs them, replayed from a CUDA graph
+            t_graph = graph_ms(lambda: ours(xs[0])) if T <= 512 else None
             t_paths = {}  # each expert path forced: the few-rows kernels (T <= 4096), the grouped GEMMs on
             for name, env in EXPERT_PATHS.items():  # CUTLASS (both tile variants) or torch._grouped_mm
                 if name != "small" or T <= 4096:
@@ -151,7 +155,8 @@ def main() -> None:
                    pct_flops=100 * flops / t_ours / 1e9 / (PEAK_FLOPS / 1e12),
                    pct_bw=100 * nbytes / t_ours / 1e6 / (PEAK_BW / 1e9), floor_ms=floor,
                    grouped_mm_ms=t_base, speedup_vs_grouped_mm=t_base / t_ours,
-                   loop_ms=t_loop, route_ms=t_route, route_ref_ms=t_route_ref,
+                   loop_ms=t_loop, route_ms=t_route, route_ref_ms=t_route_ref, graph_ms=t_graph,
+                   graph_floor_ratio=t_graph / floor if t_graph else None,
                    route_speedup=t_route_ref / t_route, experts_touched=touched, rel_diff_vs_baseline=agree,
                    path_ms=t_paths)
         results["runs"].append(run)
@@ -160,7 +165,8 @@ def main() -> None:
               f"{run['tflops']:6.1f} TFLOP/s ({run['pct_flops']:4.1f}%)  {run['gbps']:7.1f} GB/s "
               f"({run['pct_bw']:4.1f}%)  floor {floor:.3f} ms  route {t_route * 1e3:7.1f} us vs "
               f"{t_route_ref * 1e3:7.1f} us (x{run['route_speedup']:.1f})"
-              + (f"  loop {t_loop:.2f} ms" if t_loop else "") + f"  diff {agree:.1e}"
+              + (f"  loop {t_loop:.2f} ms" if t_loop else "")
+              + (f"  graph {t_graph:.3f} ms ({t_graph / floor:.2f}x floor)" if t_graph else "") + f"  diff {agree:.1e}"
               + "".join(f"  [{k} {v:.3f} ms]" for k, v in t_paths.items()), flush=True)
 
     # forward + backward at T=16384: FLOPs 3x the forward
@@ -201,14 +207,15 @@ def main() -> None:
 
     results["moe_block"] = bench_moe_block([t for t in args.tokens if t in (1, 64, 16384)], args.reps)
 
-    print("\n| T | ms | TFLOP/s | % 758 | GB/s | % 4.3 TB/s | floor ms | grouped_mm ms | speedup | loop ms "
-          "| route us | route ref us |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("\n| T | ms | TFLOP/s | % 758 | GB/s | % 4.3 TB/s | floor ms | graph ms (x floor) | grouped_mm ms "
+          "| speedup | loop ms | route us | route ref us |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         loop_ms = f"{r['loop_ms']:.1f}" if r["loop_ms"] else "-"
+        graph = f"{r['graph_ms']:.3f} ({r['graph_floor_ratio']:.2f})" if r["graph_ms"] else "-"
         print(f"| {r['T']} | {r['ms']:.3f} | {r['tflops']:.1f} | {r['pct_flops']:.1f} | {r['gbps']:.0f} | "
-              f"{r['pct_bw']:.1f} | {r['floor_ms']:.3f} | {r['grouped_mm_ms']:.3f} | {r['speedup_vs_grouped_mm']:.2f} "
-              f"| {loop_ms} | {r['route_ms'] * 1e3:.1f} | {r['route_ref_ms'] * 1e3:.1f} |")
+              f"{r['pct_bw']:.1f} | {r['floor_ms']:.3f} | {graph} | {r['grouped_mm_ms']:.3f} "
+              f"| {r['speedup_vs_grouped_mm']:.2f} | {loop_ms} | {r['route_ms'] * 1e3:.1f} | {r['route_ref_ms'] * 1e3:.1f} |")
     if os.environ.get("OUT"):
         with open(os.path.join(os.environ["OUT"], "bench_moe.json"), "w") as f:
             json.dump(results, f, indent=1)

@@ -19,3 +19,18 @@ def median_ms(fn, reps: int, warmup: int = 2) -> float:
         end.synchronize()
         times.append(start.elapsed_time(end))
     return statistics.median(times)
+
+
+def graph_ms(fn, calls: int = 10, reps: int = 10) -> float:
+    """Median time of one fn() replayed from a CUDA graph of ``calls`` back-to-back calls (how the engine's
+    decode step runs it: no host launch gaps), over reps replays; fn must be capturable."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return median_ms(graph.replay, reps) / calls

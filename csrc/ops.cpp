@@ -48,6 +48,10 @@ TORCH_LIBRARY(ringkern, m) {
   // the combine fused into the down GEMM with fp32 atomics (CUDA grouped path; not bitwise reproducible).
   m.def("moe_experts_forward(Tensor x, Tensor weights, Tensor expert_ids, Tensor gate_up_proj, Tensor down_proj, "
         "bool atomic_combine=False) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Inference only (no autograd): moe_experts_forward's y plus the shared expert
+  // down(silu(gate x) * up x), shared_gate, shared_up [Is, H], shared_down [H, Is]; -> [T, H].
+  m.def("moe_block_inference(Tensor x, Tensor weights, Tensor expert_ids, Tensor gate_up_proj, Tensor down_proj, "
+        "Tensor shared_gate, Tensor shared_up, Tensor shared_down) -> Tensor");
   // Gradients of moe_experts_forward's y: (grad_x, grad_weights fp32, grad_gate_up_proj, grad_down_proj).
   m.def("moe_experts_backward(Tensor grad_y, Tensor x, Tensor weights, Tensor gate_up_proj, Tensor down_proj, "
         "Tensor gate_up_out, Tensor sorted_slot, Tensor slot_pos, Tensor offsets) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -7,6 +7,7 @@ import torch
 
 from conftest import requires_cuda
 from ringkern import ops
+from ringkern.ops import inference
 from ringkern.ops import moe_reference as moe_ref
 from ringkern.ops import reference as ref
 
@@ -178,7 +179,8 @@ def test_cuda_route_replay_and_backward(E):
 
 
 @requires_cuda
-@pytest.mark.parametrize("E,T,k", [(16, 1, 4), (16, 513, 4), (256, 4096, 8), (256, 65536, 8)])
+@pytest.mark.parametrize("E,T,k", [(16, 1, 4), (256, 64, 8), (256, 65, 8), (16, 513, 4), (256, 4096, 8),
+                                   (256, 65536, 8)])  # up to 512 slots: the one-block dispatch
 def test_cuda_dispatch_matches_reference(E, T, k):
     ids = torch.randint(0, E, (T, k), device="cuda", dtype=torch.int32)
     got = ops.moe_dispatch(ids, E)
@@ -343,6 +345,66 @@ def test_cuda_experts_ring_shapes_forward(T, experts_path):
         eager = ref.moe_experts(x, weights, ids, gate_up, down).float()
         exact = ref.moe_experts(x.float(), weights, ids, gate_up.float(), down.float())
     assert _rel_err(got, exact) <= 2 * _rel_err(eager, exact) + 1e-5
+
+
+def _shared_expert(H, Is, dtype, device):
+    return [(torch.randn(*shape, device=device) * 0.05).to(dtype) for shape in ((Is, H), (Is, H), (H, Is))]
+
+
+# T=300 (2400 slots) and Is=192 (not a multiple of 128) take the routed forward plus ATen's shared MLP.
+@requires_cuda
+@pytest.mark.parametrize("T,Is", [(1, 128), (7, 256), (16, 128), (64, 128), (300, 128), (3, 192)])
+def test_cuda_moe_block_inference_matches_reference(T, Is):
+    E, H, I, k = 64, 512, 128, 8
+    gate_up, down = _experts(E, H, I, torch.bfloat16, "cuda")
+    shared = _shared_expert(H, Is, torch.bfloat16, "cuda")
+    x = torch.randn(T, H, device="cuda").bfloat16()
+    weights, ids = _routing(T, E, k, "cuda")
+    got = torch.ops.ringkern.moe_block_inference(x, weights, ids, gate_up, down, *shared)
+    assert torch.equal(got, torch.ops.ringkern.moe_block_inference(x, weights, ids, gate_up, down, *shared))
+    eager = inference.moe_block_inference_reference(x, weights, ids, gate_up, down, *shared)
+    exact = inference.moe_block_inference_reference(x.float(), weights, ids, gate_up.float(), down.float(),
+                                                    *(t.float() for t in shared))
+    assert _rel_err(got, exact) <= 2 * _rel_err(eager, exact) + 1e-5
+
+
+@requires_cuda
+def test_cuda_moe_block_inference_graph_capture_and_bad_shared_weights():
+    E, H, I, k, T = 64, 512, 128, 8, 4
+    gate_up, down = _experts(E, H, I, torch.bfloat16, "cuda")
+    shared = _shared_expert(H, I, torch.bfloat16, "cuda")
+    static_x = torch.randn(T, H, device="cuda").bfloat16()
+    weights, ids = _routing(T, E, k, "cuda")
+
+    def step():
+        return torch.ops.ringkern.moe_block_inference(static_x, weights, ids, gate_up, down, *shared)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        static_out = step()
+    static_x.copy_(torch.randn(T, H, device="cuda").bfloat16())
+    graph.replay()
+    assert torch.equal(static_out, step())
+    with pytest.raises(RuntimeError, match="'shared_down'"):
+        torch.ops.ringkern.moe_block_inference(static_x, weights, ids, gate_up, down, shared[0], shared[1],
+                                               shared[2].t().contiguous())
+
+
+def test_moe_block_inference_cpu_op_and_sync_free_path_match_the_reference():
+    E, H, I, Is, k, T = 16, 32, 16, 24, 4, 5
+    gate_up, down = _experts(E, H, I, torch.float32)
+    shared = _shared_expert(H, Is, torch.float32, "cpu")
+    x = torch.randn(T, H)
+    weights, ids = _routing(T, E, k)
+    want = ref.moe_experts(x, weights, ids, gate_up, down) + torch.nn.functional.linear(
+        torch.nn.functional.silu(x @ shared[0].t()) * (x @ shared[1].t()), shared[2])
+    torch.testing.assert_close(torch.ops.ringkern.moe_block_inference(x, weights, ids, gate_up, down, *shared), want)
+    torch.testing.assert_close(inference.moe_block(x, weights, ids, gate_up, down, *shared), want)
 
 
 def test_router_logits_cpu_matches_fp32_linear_and_grads():

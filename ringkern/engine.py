@@ -231,6 +231,7 @@ class Engine:
         # The plain decode step's static input [R, 4]: each row's last token, its position, noise key and
         # generated count (see _decode / _decode_forward).
         self._decode_in = torch.zeros(max_batch, 4, dtype=torch.long, device=self.device)
+        self._decode_fed: tuple | None = None  # (sequence indices, bucket) whose next inputs _decode_in holds
         self._arange = torch.arange(max(max_batch, window + 1), device=self.device)  # static index vectors
         # Its buffers for the MTP depths: the window's tokens with the committed token and the drafts after it
         # [R, W + D], the draft position's window index [R], and the hidden states that feed depth j (entry
@@ -283,6 +284,7 @@ class Engine:
     def _run(self, sequences: list[_Sequence], prompts: list[list[int]], params: SamplingParams) -> Iterator[Event]:
         n = params.n
         self.stats = stats = EngineStats()
+        self._decode_fed = None
         waiting = deque(range(len(prompts)))
         active: list[_Sequence] = []  # active[r] lives in cache row r
         while waiting or active:
@@ -387,9 +389,11 @@ class Engine:
         count = len(active)
         # On CUDA eager steps use the buckets too, so they run exactly the kernels a graph replays.
         batch = next(b for b in self.batch_buckets if b >= count) if self.device.type == "cuda" else count
-        rows = [[s.completion.token_ids[-1], s.length - 1, s.noise_key, len(s.completion.token_ids)] for s in active]
-        rows += [[0, 0, 0, 0]] * (batch - count)  # spare rows: token 0 at position 0
-        self._decode_in[:batch].copy_(torch.tensor(rows))
+        fed = (tuple(s.index for s in active), batch)
+        if self._decode_fed != fed:  # else the last step already wrote this step's inputs on the device
+            rows = [[s.completion.token_ids[-1], s.length - 1, s.noise_key, len(s.completion.token_ids)] for s in active]
+            rows += [[0, 0, 0, 0]] * (batch - count)  # spare rows: token 0 from position 0
+            self._decode_in[:batch].copy_(torch.tensor(rows))
         filters = (params.temperature, params.top_k, params.top_p, params.min_p)
         sampled, routing = self._step(f"decode{filters}", functools.partial(self._decode_forward, params), batch)
         if params.return_expert_ids and self.moe_layers:
@@ -400,6 +404,7 @@ class Engine:
         for s, (token, logprob) in zip(active, sampled[:count].tolist()):
             events.append(self._append(s, int(token), logprob, params))
             self._collect_expert_ids(s, params)
+        self._decode_fed = fed
         return events
 
     def _decode_forward(self, params: SamplingParams, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -413,6 +418,10 @@ class Engine:
                          compute_logits=False, compute_mtp=False)
         logits = self.model.lm_head(out.hidden_states[:, -1]).float()
         tokens, logprobs = sample(logits, params, keys, steps, self._noise_basis(logits.shape[-1]))
+        # The next step's inputs if the same rows decode again (see _decode): each row's new token, one
+        # position and one generated token further (spare rows move along from position 0, harmlessly).
+        self._decode_in[:batch, 0] = tokens
+        self._decode_in[:batch, 1::2] += 1
         k = self.config.num_experts_per_tok
         routing = (torch.stack([out.expert_ids[i][:, -1] for i in self.moe_layers]) if self.moe_layers
                    else torch.zeros(0, batch, k, dtype=torch.int32, device=self.device))
@@ -433,11 +442,14 @@ class Engine:
     def _capture(self, forward, batch: int):
         """Capture ``forward`` for ``batch`` rows. The static inputs already hold this step's tokens,
         so the warm-up runs write exactly the keys/values the replay writes again."""
+        inputs = self._decode_in.clone()  # the decode step advances its inputs: each run starts from these
         side = torch.cuda.Stream(self.device)
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(2):
+                self._decode_in.copy_(inputs)
                 forward(batch)
+            self._decode_in.copy_(inputs)
         torch.cuda.current_stream(self.device).wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._graph_pool):

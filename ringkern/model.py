@@ -194,9 +194,15 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(E, H, I))
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
-                sync_free: bool = False) -> torch.Tensor:
+                sync_free: bool = False, shared: DenseMLP | None = None) -> torch.Tensor:
+        """x [N, H] -> sum_k w_k expert_k(x) (+ shared(x)); with ``sync_free`` and a shared expert, one op
+        (``ops.inference.moe_block``: at decode sizes the shared expert runs inside the routed kernels)."""
+        if sync_free and shared is not None:
+            return inference_ops.moe_block(x, weights, expert_ids, self.gate_up_proj, self.down_proj,
+                                           shared.gate_proj.weight, shared.up_proj.weight, shared.down_proj.weight)
         experts = inference_ops.moe_experts if sync_free else ops.moe_experts
-        return experts(x, weights, expert_ids, self.gate_up_proj, self.down_proj)
+        y = experts(x, weights, expert_ids, self.gate_up_proj, self.down_proj)
+        return y if shared is None else y + shared(x)
 
 
 @dataclass
@@ -221,6 +227,10 @@ class MoEBlock(nn.Module):
         B, T, H = x.shape
         flat = x.reshape(B * T, H)
         replay = None if expert_ids is None else expert_ids.reshape(B * T, -1)
+        if sync_free and self.shared_experts is not None:  # cached inference: the experts add the shared one
+            weights, ids, counts = self.gate(flat, replay, token_mask)
+            y = self.experts(flat, weights, ids, sync_free, shared=self.shared_experts)
+            return y.view(B, T, H), Routing(ids.view(B, T, -1), counts)
         side = side_stream(flat) if self.shared_experts is not None else None
         if side is not None:  # the shared expert beside the router and the routed experts (fork)
             side.wait_stream(torch.cuda.current_stream(flat.device))

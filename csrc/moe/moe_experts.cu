@@ -106,28 +106,36 @@ __global__ void swiglu_kernel(const bf16* __restrict__ gu, bf16* __restrict__ a,
   }
 }
 
-// y[t, :] = sum_j scale_tj * rows[slot_pos[t*k + j], :], summed in j order in fp32 (scale = weights, or 1
-// when weights is null). Optionally also gathers per-slot values back to token order:
-// slot_values_out[t*k + j] = sorted_values[slot_pos[t*k + j]].
+// y[t, :] = sum_j scale_tj * rows[slot_pos[t*k + j], :] (+ extra[t, :]), summed in j order, then extra, in
+// fp32 (scale = weights, or 1 when weights is null; extra: the shared expert's output or null). Optionally
+// also gathers per-slot values back to token order: slot_values_out[t*k + j] = sorted_values[slot_pos[t*k + j]].
+// Grid (T, column blocks): block (t, c) sums columns c * blockDim.x * kVec + ... of token t.
 __global__ void combine_kernel(const bf16* __restrict__ rows, const float* __restrict__ weights,
-                               const int32_t* __restrict__ slot_pos, bf16* __restrict__ y, int k, int H,
-                               const float* __restrict__ sorted_values, float* __restrict__ slot_values_out) {
+                               const int32_t* __restrict__ slot_pos, const bf16* __restrict__ extra,
+                               bf16* __restrict__ y, int k, int H, const float* __restrict__ sorted_values,
+                               float* __restrict__ slot_values_out) {
   const int64_t t = blockIdx.x;
   extern __shared__ int32_t pos_sh[];  // [k]
   float* w_sh = reinterpret_cast<float*>(pos_sh + k);
   for (int j = threadIdx.x; j < k; j += blockDim.x) {
     pos_sh[j] = slot_pos[t * k + j];
     w_sh[j] = weights ? weights[t * k + j] : 1.f;
-    if (slot_values_out) slot_values_out[t * k + j] = sorted_values[pos_sh[j]];
+    if (slot_values_out && blockIdx.y == 0) slot_values_out[t * k + j] = sorted_values[pos_sh[j]];
   }
   __syncthreads();
-  for (int i = threadIdx.x * kVec; i < H; i += blockDim.x * kVec) {
+  for (int i = (blockIdx.y * blockDim.x + threadIdx.x) * kVec; i < H; i += gridDim.y * blockDim.x * kVec) {
     float acc[kVec] = {};
     for (int j = 0; j < k; ++j) {
       float r[kVec];
       load_f32(rows + static_cast<int64_t>(pos_sh[j]) * H + i, r);
 #pragma unroll
       for (int q = 0; q < kVec; ++q) acc[q] += w_sh[j] * r[q];
+    }
+    if (extra) {
+      float r[kVec];
+      load_f32(extra + t * H + i, r);
+#pragma unroll
+      for (int q = 0; q < kVec; ++q) acc[q] += r[q];
     }
     store_f32(y + t * H + i, acc);
   }
@@ -318,22 +326,33 @@ __device__ __forceinline__ void for_each_pass(int begin, int end, Pass&& pass) {
   }
 }
 
-// One pass over the gate and up rows of intermediates j0.. j0+15 of expert e (weight rows 2j and 2j + 1:
-// two 16-row tiles with row stride 2H) for sorted rows [r0, min(r0 + 8 kNT, end)).
+// The shared expert of an inference call, run by the few-rows kernels as one more block row (grid y):
+// gate and up [Is, H], down [H, Is] (separate matrices, as stored), its activation [T, Is] and output
+// [T, H] bf16 (added to every token by the combine). All null when there is none.
+struct SharedExpert {
+  const bf16 *gate = nullptr, *up = nullptr, *down = nullptr;
+  bf16 *act = nullptr, *y = nullptr;
+  int I = 0;
+};
+
+// One pass over intermediates j0.. j0+15 of one expert, given its 16 gate and 16 up weight rows (row stride
+// ldw), for its rows [r0, min(r0 + 8 kNT, end)): row r is token sorted_slot[r] / k, or token r when
+// sorted_slot is null (the shared expert). Stores act [., I] and, unless null, gate_up_out [., 2I].
 template <int kNT>
-__device__ void gate_up_pass(const bf16* x, const int32_t* sorted_slot, const bf16* w_e, bf16* gate_up_out,
-                             bf16* act, float* red, int r0, int end, int k, int H, int I, int j0) {
+__device__ void gate_up_pass(const bf16* x, const int32_t* sorted_slot, const bf16* gate, const bf16* up,
+                             int64_t ldw, bf16* gate_up_out, bf16* act, float* red, int r0, int end, int k, int H,
+                             int I, int j0) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
-  const bf16* w[2] = {w_e + static_cast<int64_t>(2 * j0) * H, w_e + static_cast<int64_t>(2 * j0 + 1) * H};
+  const bf16* w[2] = {gate, up};
   const bf16* rows[kNT];
 #pragma unroll
   for (int t = 0; t < kNT; ++t) {
     const int r = min(r0 + 8 * t + g, end - 1);  // past the end: any valid row, its column is not stored
-    rows[t] = x + static_cast<int64_t>(sorted_slot[r] / k) * H;
+    rows[t] = x + static_cast<int64_t>(sorted_slot ? sorted_slot[r] / k : r) * H;
   }
   float acc[2][kNT][4] = {};
   const int kw = H / kMmaWarps;
-  stream_mma<2, kNT>(w, 2 * static_cast<int64_t>(H), rows, warp * kw, (warp + 1) * kw, acc);
+  stream_mma<2, kNT>(w, ldw, rows, warp * kw, (warp + 1) * kw, acc);
   reduce_warps<2 * kNT * 4>(&acc[0][0][0], red);
   if (warp != 0) return;
 #pragma unroll
@@ -345,37 +364,51 @@ __device__ void gate_up_pass(const bf16* x, const int32_t* sorted_slot, const bf
       if (p < end) {
         // As in the CUTLASS epilogue: the activation from the fp32 accumulators.
         const float gf = acc[0][t][i], uf = acc[1][t][i];
-        gate_up_out[p * 2 * I + 2 * j] = __float2bfloat16(gf);
-        gate_up_out[p * 2 * I + 2 * j + 1] = __float2bfloat16(uf);
+        if (gate_up_out) {
+          gate_up_out[p * 2 * I + 2 * j] = __float2bfloat16(gf);
+          gate_up_out[p * 2 * I + 2 * j + 1] = __float2bfloat16(uf);
+        }
         act[p * I + j] = __float2bfloat16(gf * sigmoidf(gf) * uf);
       }
     }
   }
 }
 
-// grid (I / 16, min(S, E)). gate_up_out[p, 2j] and [p, 2j + 1] (pre-activation), act[p, j] = silu(gate) * up.
+// grid (max(I, Is) / 16, min(S, E) (+ 1 with a shared expert: the last block row, over all T tokens)).
+// gate_up_out[p, 2j] and [p, 2j + 1] (pre-activation), act[p, j] = silu(gate) * up.
 template <int kMaxNT>
 __global__ void __launch_bounds__(kMmaWarps * 32)
 small_gate_up_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ sorted_slot,
                      const int32_t* __restrict__ offsets, const int32_t* __restrict__ active,
                      const bf16* __restrict__ w_gu, bf16* __restrict__ gate_up_out, bf16* __restrict__ act, int E,
-                     int k, int H, int I) {
+                     int k, int T, int H, int I, SharedExpert shared) {
   __shared__ float red[(kMmaWarps - 1) * 2 * kMaxNT * 4 * 32];
-  int e, begin, end;
-  if (!touched_expert(active, offsets, E, e, begin, end)) return;
-  const bf16* w_e = w_gu + static_cast<int64_t>(e) * 2 * I * H;
   const int j0 = blockIdx.x * kMmaRows;
+  if (shared.gate && blockIdx.y == gridDim.y - 1) {
+    if (j0 >= shared.I) return;
+    for_each_pass<kMaxNT>(0, T, [&](auto n_tiles, int r0) {
+      gate_up_pass<decltype(n_tiles)::value>(x, nullptr, shared.gate + static_cast<int64_t>(j0) * H,
+                                             shared.up + static_cast<int64_t>(j0) * H, H, nullptr, shared.act, red,
+                                             r0, T, 1, H, shared.I, j0);
+    });
+    return;
+  }
+  int e, begin, end;
+  if (j0 >= I || !touched_expert(active, offsets, E, e, begin, end)) return;
+  const bf16* gate = w_gu + (static_cast<int64_t>(e) * 2 * I + 2 * j0) * H;  // rows 2j: gate_j, 2j + 1: up_j
   for_each_pass<kMaxNT>(begin, end, [&](auto n_tiles, int r0) {
-    gate_up_pass<decltype(n_tiles)::value>(x, sorted_slot, w_e, gate_up_out, act, red, r0, end, k, H, I, j0);
+    gate_up_pass<decltype(n_tiles)::value>(x, sorted_slot, gate, gate + H, 2 * static_cast<int64_t>(H),
+                                           gate_up_out, act, red, r0, end, k, H, I, j0);
   });
 }
 
-// One pass over the down rows h0.. h0+15 of expert e for sorted rows [r0, min(r0 + 8 kNT, end)).
+// One pass over the down rows h0.. h0+15 (w: the first of them, row stride I) for activation rows
+// [r0, min(r0 + 8 kNT, end)) of act [., I]; writes y [., H].
 template <int kNT>
-__device__ void down_pass(const bf16* act, const bf16* w_e, bf16* y_sorted, float* red, int r0, int end, int H,
-                          int I, int h0) {
+__device__ void down_pass(const bf16* act, const bf16* w_rows, bf16* y, float* red, int r0, int end, int H, int I,
+                          int h0) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
-  const bf16* w[1] = {w_e + static_cast<int64_t>(h0) * I};
+  const bf16* w[1] = {w_rows};
   const bf16* rows[kNT];
 #pragma unroll
   for (int t = 0; t < kNT; ++t) rows[t] = act + static_cast<int64_t>(min(r0 + 8 * t + g, end - 1)) * I;
@@ -389,24 +422,32 @@ __device__ void down_pass(const bf16* act, const bf16* w_e, bf16* y_sorted, floa
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int64_t p = r0 + 8 * t + 2 * c + (i & 1);
-      if (p < end) y_sorted[p * H + h0 + g + 8 * (i >> 1)] = __float2bfloat16(acc[0][t][i]);
+      if (p < end) y[p * H + h0 + g + 8 * (i >> 1)] = __float2bfloat16(acc[0][t][i]);
     }
   }
 }
 
-// grid (H / 16, min(S, E)). y_sorted[p, h] = act[p, :] . w_down[e, h, :].
+// grid (H / 16, min(S, E) (+ 1: the shared expert, as above)). y_sorted[p, h] = act[p, :] . w_down[e, h, :];
+// the shared expert's block row writes shared.y.
 template <int kMaxNT>
 __global__ void __launch_bounds__(kMmaWarps * 32)
 small_down_kernel(const bf16* __restrict__ act, const int32_t* __restrict__ offsets,
                   const int32_t* __restrict__ active, const bf16* __restrict__ w_down, bf16* __restrict__ y_sorted,
-                  int E, int H, int I) {
+                  int E, int T, int H, int I, SharedExpert shared) {
   __shared__ float red[(kMmaWarps - 1) * kMaxNT * 4 * 32];
+  const int h0 = blockIdx.x * kMmaRows;
+  if (shared.down && blockIdx.y == gridDim.y - 1) {
+    for_each_pass<kMaxNT>(0, T, [&](auto n_tiles, int r0) {
+      down_pass<decltype(n_tiles)::value>(shared.act, shared.down + static_cast<int64_t>(h0) * shared.I, shared.y,
+                                          red, r0, T, H, shared.I, h0);
+    });
+    return;
+  }
   int e, begin, end;
   if (!touched_expert(active, offsets, E, e, begin, end)) return;
-  const bf16* w_e = w_down + static_cast<int64_t>(e) * H * I;
-  const int h0 = blockIdx.x * kMmaRows;
+  const bf16* w_rows = w_down + (static_cast<int64_t>(e) * H + h0) * I;
   for_each_pass<kMaxNT>(begin, end, [&](auto n_tiles, int r0) {
-    down_pass<decltype(n_tiles)::value>(act, w_e, y_sorted, red, r0, end, H, I, h0);
+    down_pass<decltype(n_tiles)::value>(act, w_rows, y_sorted, red, r0, end, H, I, h0);
   });
 }
 
@@ -424,25 +465,26 @@ bool use_small_kernels(int64_t S, int64_t H, int64_t I) {
   return S <= max_slots && H % k_align == 0 && I % k_align == 0;
 }
 
-// Launches the few-rows kernels: act [S, I] and y_sorted [S, H] from x; rows per expert <= T, so T picks
-// how many n-tiles a pass may take.
+// Launches the few-rows kernels: act [S, I] and y_sorted [S, H] from x (and the shared expert's act and y
+// when given); rows per expert <= T, so T picks how many n-tiles a pass may take.
 void run_small_kernels(const at::Tensor& x, const Dispatch& d, const at::Tensor& gate_up_proj,
-                       const at::Tensor& down_proj, int64_t k, at::Tensor& gate_up_out, at::Tensor& act,
-                       at::Tensor& y_sorted, cudaStream_t stream) {
+                       const at::Tensor& down_proj, int64_t k, bf16* gate_up_out, at::Tensor& act,
+                       at::Tensor& y_sorted, const SharedExpert& shared, cudaStream_t stream) {
   const int64_t T = x.size(0), H = x.size(1), E = gate_up_proj.size(0), I = gate_up_proj.size(1) / 2;
   const dim3 block(kMmaWarps * 32);
-  const unsigned experts = static_cast<unsigned>(std::min(T * k, E));
+  const unsigned rows = static_cast<unsigned>(std::min(T * k, E) + (shared.gate ? 1 : 0));
+  const unsigned gate_up_tiles = static_cast<unsigned>(std::max<int64_t>(I, shared.I) / kMmaRows);
   auto launch = [&](auto gate_up_kernel, auto down_kernel) {
-    gate_up_kernel<<<dim3(I / kMmaRows, experts), block, 0, stream>>>(
+    gate_up_kernel<<<dim3(gate_up_tiles, rows), block, 0, stream>>>(
         reinterpret_cast<const bf16*>(x.data_ptr()), d.sorted_slot.data_ptr<int32_t>(), d.offsets.data_ptr<int32_t>(),
-        d.active.data_ptr<int32_t>(), reinterpret_cast<const bf16*>(gate_up_proj.data_ptr()),
-        reinterpret_cast<bf16*>(gate_up_out.data_ptr()), reinterpret_cast<bf16*>(act.data_ptr()),
-        static_cast<int>(E), static_cast<int>(k), static_cast<int>(H), static_cast<int>(I));
+        d.active.data_ptr<int32_t>(), reinterpret_cast<const bf16*>(gate_up_proj.data_ptr()), gate_up_out,
+        reinterpret_cast<bf16*>(act.data_ptr()), static_cast<int>(E), static_cast<int>(k), static_cast<int>(T),
+        static_cast<int>(H), static_cast<int>(I), shared);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    down_kernel<<<dim3(H / kMmaRows, experts), block, 0, stream>>>(
+    down_kernel<<<dim3(H / kMmaRows, rows), block, 0, stream>>>(
         reinterpret_cast<const bf16*>(act.data_ptr()), d.offsets.data_ptr<int32_t>(), d.active.data_ptr<int32_t>(),
         reinterpret_cast<const bf16*>(down_proj.data_ptr()), reinterpret_cast<bf16*>(y_sorted.data_ptr()),
-        static_cast<int>(E), static_cast<int>(H), static_cast<int>(I));
+        static_cast<int>(E), static_cast<int>(T), static_cast<int>(H), static_cast<int>(I), shared);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   };
   if (T <= 8) launch(small_gate_up_kernel<1>, small_down_kernel<1>);
@@ -496,16 +538,20 @@ at::Tensor gather_rows(const at::Tensor& src, const at::Tensor& sorted_slot, int
   return out;
 }
 
-// rows [S, H] -> [T, H]; see combine_kernel.
+// rows [S, H] -> [T, H]; see combine_kernel. extra: null or [T, H] bf16 added to every token's sum.
 at::Tensor combine(const at::Tensor& rows, const float* weights, const at::Tensor& slot_pos, int64_t T, int64_t k,
-                   const float* sorted_values, float* slot_values_out, cudaStream_t stream) {
+                   const float* sorted_values, float* slot_values_out, cudaStream_t stream,
+                   const bf16* extra = nullptr) {
   const int64_t H = rows.size(1);
   auto y = at::empty({T, H}, rows.options());
   if (T == 0) return y;
   const size_t smem = k * (sizeof(int32_t) + sizeof(float));
-  combine_kernel<<<T, kRowThreads, smem, stream>>>(reinterpret_cast<const bf16*>(rows.data_ptr()), weights,
-                                                   slot_pos.data_ptr<int32_t>(), reinterpret_cast<bf16*>(y.data_ptr()),
-                                                   k, H, sorted_values, slot_values_out);
+  // Few tokens (decode): split each token's columns over blocks so the gathers run in parallel.
+  const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const int64_t column_blocks = T < sms ? (H + kRowThreads * kVec - 1) / (kRowThreads * kVec) : 1;
+  combine_kernel<<<dim3(T, column_blocks), kRowThreads, smem, stream>>>(
+      reinterpret_cast<const bf16*>(rows.data_ptr()), weights, slot_pos.data_ptr<int32_t>(), extra,
+      reinterpret_cast<bf16*>(y.data_ptr()), k, H, sorted_values, slot_values_out);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return y;
 }
@@ -562,7 +608,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_exper
     auto gate_up_out = at::empty({S, 2 * I}, x.options());  // [S, 2I]
     auto act = at::empty({S, I}, x.options());              // [S, I]
     auto y_sorted = at::empty({S, x.size(1)}, x.options()); // [S, H]
-    run_small_kernels(x, d, gate_up_proj, down_proj, k, gate_up_out, act, y_sorted, stream);
+    run_small_kernels(x, d, gate_up_proj, down_proj, k, reinterpret_cast<bf16*>(gate_up_out.data_ptr()), act,
+                      y_sorted, SharedExpert{}, stream);
     auto y = combine(y_sorted, weights.data_ptr<float>(), slot_pos, T, k, nullptr, nullptr, stream);
     return {y, gate_up_out, sorted_slot, slot_pos, offsets};
   }
@@ -647,7 +694,55 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_backward_
   return {grad_x, grad_weights, grad_gate_up, grad_down};
 }
 
+void check_shared_weight(const at::Tensor& w, const at::Tensor& x, const char* name, int64_t rows, int64_t cols) {
+  check_same_device(w, x, name);
+  check_contiguous(w, name);
+  check_dtype(w, name, {at::kBFloat16});
+  RK_CHECK_ARG(w.dim() == 2 && w.size(0) == rows && w.size(1) == cols, name, "expected [", rows, ", ", cols,
+               "], got ", w.sizes());
+}
+
+// Inference (no autograd): the routed experts plus the shared expert, y = moe_experts(x) + shared(x) with
+// shared(x) = down(silu(gate x) * up x). On the few-rows path the shared expert is one more block row of
+// both kernels and the combine adds it (fp32 sum, one rounding); otherwise the routed forward plus ATen
+// matmuls for the shared MLP.
+at::Tensor moe_block_inference_cuda(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& expert_ids,
+                                    const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
+                                    const at::Tensor& shared_gate, const at::Tensor& shared_up,
+                                    const at::Tensor& shared_down) {
+  check_experts_inputs(x, weights, gate_up_proj, down_proj);
+  check_same_device(expert_ids, x, "expert_ids");
+  RK_CHECK_ARG(expert_ids.sizes() == weights.sizes(), "expert_ids", "expected ", weights.sizes(), ", got ",
+               expert_ids.sizes());
+  const int64_t T = x.size(0), H = x.size(1), k = weights.size(1), E = gate_up_proj.size(0);
+  const int64_t I = gate_up_proj.size(1) / 2, Is = shared_gate.size(0), S = T * k;
+  check_shared_weight(shared_gate, x, "shared_gate", Is, H);
+  check_shared_weight(shared_up, x, "shared_up", Is, H);
+  check_shared_weight(shared_down, x, "shared_down", H, Is);
+  const c10::cuda::CUDAGuard guard(x.device());
+  if (S > 0 && use_small_kernels(S, H, I) && Is % (32 * kMmaWarps) == 0) {
+    auto stream = at::cuda::getCurrentCUDAStream();
+    const Dispatch d = dispatch_slots(expert_ids.contiguous(), E);
+    auto act = at::empty({S, I}, x.options());
+    auto y_sorted = at::empty({S, H}, x.options());
+    auto shared_act = at::empty({T, Is}, x.options());
+    auto shared_y = at::empty({T, H}, x.options());
+    const SharedExpert shared{reinterpret_cast<const bf16*>(shared_gate.data_ptr()),
+                              reinterpret_cast<const bf16*>(shared_up.data_ptr()),
+                              reinterpret_cast<const bf16*>(shared_down.data_ptr()),
+                              reinterpret_cast<bf16*>(shared_act.data_ptr()), reinterpret_cast<bf16*>(shared_y.data_ptr()),
+                              static_cast<int>(Is)};
+    run_small_kernels(x, d, gate_up_proj, down_proj, k, nullptr, act, y_sorted, shared, stream);
+    return combine(y_sorted, weights.data_ptr<float>(), d.slot_pos, T, k, nullptr, nullptr, stream,
+                   reinterpret_cast<const bf16*>(shared_y.data_ptr()));
+  }
+  auto routed = std::get<0>(moe_experts_forward_cuda(x, weights, expert_ids, gate_up_proj, down_proj, false));
+  auto h = at::silu(at::matmul(x, shared_gate.t())) * at::matmul(x, shared_up.t());
+  return routed + at::matmul(h, shared_down.t());
+}
+
 TORCH_LIBRARY_IMPL(ringkern, CUDA, m) {
+  m.impl("moe_block_inference", &moe_block_inference_cuda);
   m.impl("moe_experts_forward", &moe_experts_forward_cuda);
   m.impl("moe_experts_backward", &moe_experts_backward_cuda);
 }

@@ -317,6 +317,55 @@ __global__ void dispatch_scatter_kernel(const id_t* __restrict__ ids, const int3
   }
 }
 
+// All of the above in one block when the slots make a single chunk (decode-sized calls): histogram in
+// shared memory, the two scans over experts, then warp 0 places the slots in order (stable).
+template <typename id_t>
+__global__ void __launch_bounds__(kOffsetThreads)
+dispatch_one_block_kernel(const id_t* __restrict__ ids, int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
+                          int32_t* __restrict__ active, int32_t* __restrict__ sorted_slot,
+                          int32_t* __restrict__ slot_pos, int S, int E) {
+  using Scan = cub::BlockScan<int, kOffsetThreads>;
+  __shared__ typename Scan::TempStorage tmp;
+  __shared__ int next[kOffsetThreads];  // per expert: its count, then its next free position
+  const int e = threadIdx.x;
+  next[e] = 0;
+  __syncthreads();
+  for (int s = threadIdx.x; s < S; s += kOffsetThreads) {
+    const int id = static_cast<int>(ids[s]);
+    CUDA_KERNEL_ASSERT(id >= 0 && id < E && "moe_dispatch: expert id out of range");
+    atomicAdd(&next[id], 1);
+  }
+  __syncthreads();
+  const int count = e < E ? next[e] : 0;
+  int end, rank, touched;
+  Scan(tmp).InclusiveSum(count, end);
+  if (e < E) {
+    counts[e] = count;
+    offsets[e] = end;
+    next[e] = end - count;
+  }
+  __syncthreads();  // the scan storage is reused; next holds start positions
+  Scan(tmp).ExclusiveSum(count > 0 ? 1 : 0, rank, touched);
+  if (count > 0) active[rank] = e;
+  if (e == 0) active[E] = touched;
+  if (threadIdx.x >= 32) return;
+  const int lane = threadIdx.x;
+  const unsigned lanes_below = (1u << lane) - 1u;
+  for (int base = 0; base < S; base += 32) {
+    const int s = base + lane;
+    const int id = s < S ? static_cast<int>(ids[s]) : -1;
+    const unsigned same = __match_any_sync(kFull, id);
+    if (id >= 0) {
+      const int pos = next[id] + __popc(same & lanes_below);
+      sorted_slot[pos] = s;
+      slot_pos[s] = pos;
+    }
+    __syncwarp();
+    if (id >= 0 && (same >> lane) == 1u) next[id] += __popc(same);
+    __syncwarp();
+  }
+}
+
 template <typename F>
 void dispatch_id_type(const at::Tensor& ids, F&& f) {
   if (ids.scalar_type() == at::kInt) {
@@ -434,21 +483,30 @@ Dispatch dispatch_slots(const at::Tensor& expert_ids, int64_t num_experts) {
   const int E = static_cast<int>(num_experts);
   const c10::cuda::CUDAGuard guard(expert_ids.device());
   auto opts = expert_ids.options().dtype(at::kInt);
-  auto counts = at::zeros({E}, opts);
-  auto offsets = at::zeros({E}, opts);
   auto sorted_slot = at::empty({S}, opts);
   auto slot_pos = at::empty({S}, opts);
-  if (S == 0) return {counts, offsets, sorted_slot, slot_pos, at::zeros({E + 1}, opts)};
+  if (S == 0) return {at::zeros({E}, opts), at::zeros({E}, opts), sorted_slot, slot_pos, at::zeros({E + 1}, opts)};
+  auto counts = at::empty({E}, opts);  // the kernels write every entry of these
+  auto offsets = at::empty({E}, opts);
   auto active = at::empty({E + 1}, opts);
   // Chunks of at least 512 slots, and few enough for one scan block per expert.
   const int64_t max_chunks = kScanThreads * kScanItems;
   int64_t chunk = std::max<int64_t>(512, (S + max_chunks - 1) / max_chunks);
   chunk = (chunk + 31) / 32 * 32;
   const int chunks = static_cast<int>((S + chunk - 1) / chunk);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (chunks == 1) {
+    dispatch_id_type(expert_ids, [&](auto ids) {
+      dispatch_one_block_kernel<<<1, kOffsetThreads, 0, stream>>>(
+          ids, counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), active.data_ptr<int32_t>(),
+          sorted_slot.data_ptr<int32_t>(), slot_pos.data_ptr<int32_t>(), static_cast<int>(S), E);
+    });
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {counts, offsets, sorted_slot, slot_pos, active};
+  }
   auto chunk_base = at::empty({static_cast<int64_t>(E) * chunks}, opts);
   const int blocks = (chunks + kDispatchWarps - 1) / kDispatchWarps;
   const size_t smem = sizeof(int) * kDispatchWarps * E;
-  auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_id_type(expert_ids, [&](auto ids) {
     dispatch_histogram_kernel<<<blocks, kDispatchWarps * 32, smem, stream>>>(ids, chunk_base.data_ptr<int32_t>(), S,
                                                                              E, static_cast<int>(chunk), chunks);

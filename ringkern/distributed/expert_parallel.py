@@ -166,14 +166,17 @@ class ExpertParallelExperts(nn.Module):
         return DTensor.from_local(local, self.mesh, [Shard(0)], run_check=False)
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
-                sync_free: bool = False) -> torch.Tensor:
+                sync_free: bool = False, shared: nn.Module | None = None) -> torch.Tensor:
+        """As RoutedExperts.forward; ``shared`` (the layer's shared expert, replicated) is added after."""
         group = self.mesh.get_group()
         gate_up, down = self.gate_up_proj.to_local(), self.down_proj.to_local()
         if sync_free:
-            return replicated_moe(x, weights, expert_ids, gate_up, down, self.first_expert, group)
-        scale = 1.0 / self.mesh.size()
-        return expert_parallel_moe(x, weights, expert_ids, _ScaleGrad.apply(gate_up, scale),
-                                   _ScaleGrad.apply(down, scale), self.num_experts, group)
+            y = replicated_moe(x, weights, expert_ids, gate_up, down, self.first_expert, group)
+        else:
+            scale = 1.0 / self.mesh.size()
+            y = expert_parallel_moe(x, weights, expert_ids, _ScaleGrad.apply(gate_up, scale),
+                                    _ScaleGrad.apply(down, scale), self.num_experts, group)
+        return y if shared is None else y + shared(x)
 
     def extra_repr(self) -> str:
         return f"experts {self.first_expert}..{self.first_expert + self.local_experts - 1} of {self.num_experts}"

@@ -108,6 +108,7 @@ _register_router_logits()
 
 def _register_moe() -> None:
     from . import moe_reference as moe_ref
+    from .inference import moe_block_inference_reference
 
     def route_cpu(router_logits, expert_bias, n_group, topk_group, top_k, routed_scaling_factor, renormalize,
                   expert_ids):
@@ -144,6 +145,12 @@ def _register_moe() -> None:
         E = gate_up_proj.shape[0]
         return (torch.empty_like(x), x.new_empty(S, gate_up_proj.shape[1]), x.new_empty(S, dtype=torch.int32),
                 x.new_empty(S, dtype=torch.int32), x.new_empty(E, dtype=torch.int32))
+
+    torch.library.register_kernel("ringkern::moe_block_inference", "cpu", moe_block_inference_reference)
+
+    @torch.library.register_fake("ringkern::moe_block_inference")
+    def _(x, weights, expert_ids, gate_up_proj, down_proj, shared_gate, shared_up, shared_down):
+        return torch.empty_like(x)
 
     @torch.library.register_fake("ringkern::moe_experts_backward")
     def _(grad_y, x, weights, gate_up_proj, down_proj, gate_up_out, sorted_slot, slot_pos, offsets):

@@ -11,6 +11,8 @@ on CUDA. The functions here compute the rest without a sync:
   (each (token, expert) pair gathers its expert's matrices and runs a batched matmul) for decode-sized
   calls and under capture, chunked so its workspace stays bounded; on the CPU, where syncs cost
   nothing, the reference itself.
+- ``moe_block``: ``moe_experts`` plus the shared expert; on CUDA one op whose few-rows kernels run the shared
+  expert beside the routed ones (decode: one launch pair instead of seven kernels for the shared MLP).
 - ``qkv_norm_rope``: the fused QKV projection split into heads, q/k norms, RoPE and the decode step's
   cache write in one kernel (``csrc/attention/qkv_norm_rope.cu``).
 - ``cached_attention``: queries attend to a cache row's keys at positions <= their own (the mask from
@@ -70,6 +72,35 @@ def moe_experts_gathered(x: torch.Tensor, weights: torch.Tensor, expert_ids: tor
         y = torch.bmm(down_proj[ids], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [t k, H]
         outs.append(y.view(-1, k, H))
     return _combine(torch.cat(outs), weights, x.dtype)
+
+
+def moe_block(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up_proj: torch.Tensor,
+              down_proj: torch.Tensor, shared_gate: torch.Tensor, shared_up: torch.Tensor,
+              shared_down: torch.Tensor) -> torch.Tensor:
+    """:func:`moe_experts` plus the shared expert down(silu(gate x) * up x), without a host sync. On CUDA with
+    bf16 tensors one op, ``torch.ops.ringkern.moe_block_inference``: at decode sizes its few-rows kernels run
+    the shared expert as one more expert and the combine adds it (contract: :func:`moe_block_inference_reference`).
+
+    shared_gate, shared_up: [Is, H]; shared_down: [H, Is].
+    """
+    tensors = (x, gate_up_proj, down_proj, shared_gate, shared_up, shared_down)
+    if x.is_cuda and all(t.dtype == torch.bfloat16 for t in tensors):
+        return torch.ops.ringkern.moe_block_inference(x.contiguous(), weights.contiguous(), expert_ids,
+                                                      gate_up_proj, down_proj, shared_gate, shared_up, shared_down)
+    return moe_experts(x, weights, expert_ids, gate_up_proj, down_proj) + _shared_mlp(x, shared_gate, shared_up,
+                                                                                        shared_down)
+
+
+def moe_block_inference_reference(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
+                                  gate_up_proj: torch.Tensor, down_proj: torch.Tensor, shared_gate: torch.Tensor,
+                                  shared_up: torch.Tensor, shared_down: torch.Tensor) -> torch.Tensor:
+    """The contract of ``torch.ops.ringkern.moe_block_inference`` (its CPU kernel)."""
+    return (reference.moe_experts(x, weights, expert_ids, gate_up_proj, down_proj)
+            + _shared_mlp(x, shared_gate, shared_up, shared_down))
+
+
+def _shared_mlp(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+    return F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
 
 
 def _combine(y_pairs: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -144,4 +175,4 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 __all__ = ["cache_attention_mask", "cached_attention", "decode_attention_reference", "decode_kernel_supported",
-           "moe_experts", "moe_experts_gathered", "qkv_norm_rope"]
+           "moe_block", "moe_block_inference_reference", "moe_experts", "moe_experts_gathered", "qkv_norm_rope"]
