@@ -42,12 +42,19 @@ def test_reference_matches_naive():
     torch.testing.assert_close(got.double(), _naive(q, k, v, pos), rtol=1e-5, atol=1e-5)
 
 
+# S is no multiple of the kernel's 16- and 64-key tiles except where noted; G * T covers 1 to 32 query rows per kv
+# head (one, two and four groups of 8 rows); 20001 keys cap the splits.
 @requires_cuda
 @pytest.mark.parametrize("B,Hq,Hkv,T,S,D,rows", [(1, 32, 4, 1, 1088, 128, 1), (3, 8, 2, 2, 200, 128, 5),
                                                   (5, 4, 4, 1, 64, 64, 5), (2, 16, 2, 2, 300, 64, 2),
-                                                  (4, 8, 4, 3, 129, 256, 6), (64, 32, 4, 1, 513, 128, 64)])
+                                                  (4, 8, 4, 3, 129, 256, 6), (64, 32, 4, 1, 513, 128, 64),
+                                                  (1, 32, 4, 1, 1324, 128, 1), (16, 32, 4, 1, 1324, 128, 16),
+                                                  (16, 8, 2, 3, 777, 128, 20), (3, 16, 4, 3, 999, 64, 3),
+                                                  (16, 8, 1, 3, 333, 64, 16), (2, 32, 1, 1, 70, 64, 2),
+                                                  (1, 4, 4, 1, 1000, 256, 2), (3, 2, 1, 3, 90, 256, 3),
+                                                  (1, 8, 1, 1, 20001, 128, 1), (2, 4, 2, 1, 1, 64, 2)])
 def test_decode_attention_cuda_matches_reference(B, Hq, Hkv, T, S, D, rows, monkeypatch):
-    monkeypatch.setenv("RINGKERN_DECODE_ATTENTION", "1")  # the decode step's opt-in
+    monkeypatch.delenv("RINGKERN_DECODE_ATTENTION", raising=False)  # the decode step's default
     q, k, v, pos = _case(B, Hq, Hkv, T, S, D, rows, device="cuda", dtype=torch.bfloat16, seed=B * S)
     assert inference.decode_kernel_supported(q, k)
     got = torch.ops.ringkern.decode_attention(q, k[:B], v[:B], pos)
@@ -55,7 +62,19 @@ def test_decode_attention_cuda_matches_reference(B, Hq, Hkv, T, S, D, rows, monk
     eager_bf16 = inference.decode_attention_reference(q, k, v, pos).double().cpu()  # SDPA in bf16
     err, err_bf16 = (got.double().cpu() - want).abs().max().item(), (eager_bf16 - want).abs().max().item()
     assert err <= max(2 * err_bf16, 1e-2), (err, err_bf16)
-    assert torch.equal(got, torch.ops.ringkern.decode_attention(q, k[:B], v[:B], pos))  # deterministic
+    for _ in range(3):  # bitwise the same run to run
+        assert torch.equal(got, torch.ops.ringkern.decode_attention(q, k[:B], v[:B], pos))
+
+
+@requires_cuda
+def test_decode_attention_cuda_row_with_nothing_visible_is_zero():
+    q, k, v, pos = _case(3, 8, 2, 2, 300, 128, device="cuda", dtype=torch.bfloat16)
+    pos[1] = -1
+    got = torch.ops.ringkern.decode_attention(q, k, v, pos)
+    assert torch.equal(got[1], torch.zeros_like(got[1]))
+    keep = [0, 2]
+    want = _naive(q[keep].cpu(), k[keep].cpu(), v[keep].cpu(), pos[keep].cpu())
+    torch.testing.assert_close(got[keep].double().cpu(), want, rtol=0, atol=2e-2)
 
 
 @requires_cuda
@@ -67,10 +86,15 @@ def test_decode_attention_cuda_graph_replay_and_errors(monkeypatch):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out.copy_(torch.ops.ringkern.decode_attention(q, k, v, pos))
-    pos.sub_(5)  # new positions, same buffers
-    graph.replay()
-    torch.testing.assert_close(out, torch.ops.ringkern.decode_attention(q, k, v, pos), rtol=0, atol=0)
+    for shift in (5, 100):  # new positions, same buffers (after 5, row 1 sees nothing)
+        pos.sub_(shift)
+        graph.replay()
+        torch.testing.assert_close(out, torch.ops.ringkern.decode_attention(q, k, v, pos), rtol=0, atol=0)
     assert not inference.decode_kernel_supported(q[..., :32].contiguous(), k[..., :32].contiguous())
+    monkeypatch.delenv("RINGKERN_DECODE_ATTENTION")
+    assert inference.decode_kernel_supported(q, k)  # on by default
+    monkeypatch.setenv("RINGKERN_DECODE_ATTENTION", "0")
+    assert not inference.decode_kernel_supported(q, k)  # SDPA
 
 
 @requires_cuda

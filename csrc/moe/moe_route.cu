@@ -237,13 +237,11 @@ router_route_kernel(const in_t* __restrict__ x, const in_t* __restrict__ weight,
         if (lane == 0) logits[static_cast<int64_t>(t) * a.E + e] = v;
       }
     }
+    __threadfence();  // the logits are visible device-wide before the block takes its ticket
   }
   __shared__ bool last;
   __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();  // this block's logits are visible before its ticket
-    last = atomicAdd(ticket, 1u) == gridDim.x - 1;
-  }
+  if (threadIdx.x == 0) last = atomicAdd(ticket, 1u) == gridDim.x - 1;
   __syncthreads();
   if (!last) return;
   __threadfence();
