@@ -200,6 +200,20 @@ def experts_path(request, monkeypatch):
     return request.param
 
 
+def _captured(step):
+    """(graph, outputs) of step() captured after two warm-up runs on a side stream."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        outputs = step()
+    return graph, outputs
+
+
 def _rel_err(a, b):
     return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
 
@@ -316,15 +330,7 @@ def test_cuda_graph_decode_matches_eager(experts_path):
         weights, ids, counts = ops.moe_route(x.float() @ router.t(), bias, **cfg)
         return ops.moe_experts(x, weights, ids, gate_up, down), ids, counts
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(2):
-            step(static_x)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step(static_x)
+    graph, static_out = _captured(functools.partial(step, static_x))
     for _ in range(3):
         static_x.copy_(torch.randn(T, H, device="cuda").bfloat16())
         graph.replay()
@@ -379,14 +385,7 @@ def test_cuda_moe_block_inference_graph_capture_and_bad_shared_weights():
     def step():
         return torch.ops.ringkern.moe_block_inference(static_x, weights, ids, gate_up, down, *shared)
 
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step()
+    graph, static_out = _captured(step)
     static_x.copy_(torch.randn(T, H, device="cuda").bfloat16())
     graph.replay()
     assert torch.equal(static_out, step())

@@ -26,6 +26,7 @@
 #include <cmath>
 
 #include "../common/check.h"
+#include "../common/mma.h"
 
 namespace ringkern {
 namespace {
@@ -79,15 +80,6 @@ struct Smem {
   __device__ float* inv_sum() const { return split_weight(kRows); }
   __device__ float4* partials() const { return reinterpret_cast<float4*>(base + kPartials); }
 };
-
-__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));

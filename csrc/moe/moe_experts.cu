@@ -30,6 +30,7 @@
 #include <type_traits>
 
 #include "../common/check.h"
+#include "../common/mma.h"
 #include "sm90_grouped_gemm.h"
 
 namespace ringkern {
@@ -227,15 +228,6 @@ void zero_empty_groups(at::Tensor& grouped, const at::Tensor& offsets, cudaStrea
 constexpr int kMmaWarps = 4;   // K is split across the warps of a block
 constexpr int kMmaUnroll = 4;  // 32-wide k chunks loaded ahead
 constexpr int kMmaRows = 16;   // output columns per block (the mma's M)
-
-__device__ __forceinline__ void mma_bf16(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
-                                         uint32_t b0, uint32_t b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
-}
 
 // acc[a][t] += W_a [16 rows, ld ldw] x rows_t^T over kU 32-wide k chunks from k0, for kA weight tiles and kNT
 // n-tiles of 8 rows (row pointers per lane: n-tile t's row lane / 4). Accumulator layout of the mma:
