@@ -400,10 +400,7 @@ class Engine:
             routing = routing[:, :count].cpu()  # [L_moe, count, k]
             for row, s in enumerate(active):
                 s.routing.append(routing[:, row: row + 1])
-        events = []
-        for s, (token, logprob) in zip(active, sampled[:count].tolist()):
-            events.append(self._append(s, int(token), logprob, params))
-            self._collect_expert_ids(s, params)
+        events = self._emit(active, sampled[:count].tolist(), params)
         self._decode_fed = fed
         return events
 
@@ -633,9 +630,13 @@ class Engine:
         """Draw each sequence's next token, append it, decide whether it finished; returns the events."""
         keys, steps = self._noise_inputs(seqs, len(seqs))
         tokens, logprobs = sample(logits, params, keys, steps, self._noise_basis(logits.shape[-1]))
+        return self._emit(seqs, zip(tokens.tolist(), logprobs.tolist()), params)
+
+    def _emit(self, seqs: list[_Sequence], drawn, params: SamplingParams) -> list[Event]:
+        """Append each sequence's drawn (token, log-prob) and decide whether it finished; returns the events."""
         events = []
-        for s, token, logprob in zip(seqs, tokens.tolist(), logprobs.tolist()):
-            events.append(self._append(s, token, logprob, params))
+        for s, (token, logprob) in zip(seqs, drawn):
+            events.append(self._append(s, int(token), logprob, params))
             self._collect_expert_ids(s, params)
         return events
 

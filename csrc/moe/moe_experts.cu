@@ -511,6 +511,15 @@ void check_experts_inputs(const at::Tensor& x, const at::Tensor& weights, const 
                "down_proj", "expected [", E, ", ", H, ", ", I, "], got ", down_proj.sizes());
 }
 
+// check_experts_inputs plus the routing ids of a forward call: [T, k] like weights, on x's device.
+void check_forward_inputs(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& expert_ids,
+                          const at::Tensor& gate_up_proj, const at::Tensor& down_proj) {
+  check_experts_inputs(x, weights, gate_up_proj, down_proj);
+  check_same_device(expert_ids, x, "expert_ids");
+  RK_CHECK_ARG(expert_ids.sizes() == weights.sizes(), "expert_ids", "expected ", weights.sizes(), ", got ",
+               expert_ids.sizes());
+}
+
 void check_int32_vector(const at::Tensor& t, const at::Tensor& x, const char* name, int64_t n) {
   check_same_device(t, x, name);
   check_contiguous(t, name);
@@ -586,10 +595,7 @@ bool checked(bool ran, CutlassUse use, const char* gemm) {
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_experts_forward_cuda(
     const at::Tensor& x, const at::Tensor& weights, const at::Tensor& expert_ids, const at::Tensor& gate_up_proj,
     const at::Tensor& down_proj, bool atomic_combine) {
-  check_experts_inputs(x, weights, gate_up_proj, down_proj);
-  check_same_device(expert_ids, x, "expert_ids");
-  RK_CHECK_ARG(expert_ids.sizes() == weights.sizes(), "expert_ids", "expected ", weights.sizes(), ", got ",
-               expert_ids.sizes());
+  check_forward_inputs(x, weights, expert_ids, gate_up_proj, down_proj);
   const c10::cuda::CUDAGuard guard(x.device());
   auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t T = x.size(0), k = weights.size(1), E = gate_up_proj.size(0), I = gate_up_proj.size(1) / 2;
@@ -702,10 +708,7 @@ at::Tensor moe_block_inference_cuda(const at::Tensor& x, const at::Tensor& weigh
                                     const at::Tensor& gate_up_proj, const at::Tensor& down_proj,
                                     const at::Tensor& shared_gate, const at::Tensor& shared_up,
                                     const at::Tensor& shared_down) {
-  check_experts_inputs(x, weights, gate_up_proj, down_proj);
-  check_same_device(expert_ids, x, "expert_ids");
-  RK_CHECK_ARG(expert_ids.sizes() == weights.sizes(), "expert_ids", "expected ", weights.sizes(), ", got ",
-               expert_ids.sizes());
+  check_forward_inputs(x, weights, expert_ids, gate_up_proj, down_proj);
   const int64_t T = x.size(0), H = x.size(1), k = weights.size(1), E = gate_up_proj.size(0);
   const int64_t I = gate_up_proj.size(1) / 2, Is = shared_gate.size(0), S = T * k;
   check_shared_weight(shared_gate, x, "shared_gate", Is, H);
