@@ -37,6 +37,10 @@ TORCH_LIBRARY(ringkern, m) {
   // scale: (weights [T, k] fp32, expert_ids [T, k] int32, tokens_per_expert [E] int32); replay with expert_ids.
   m.def("moe_route(Tensor router_logits, Tensor expert_bias, int n_group, int topk_group, int top_k, "
         "float routed_scaling_factor, bool renormalize, Tensor? expert_ids) -> (Tensor, Tensor, Tensor)");
+  // Inference only (no autograd, no replay): moe_route(router_logits(x, weight), ...) with x [T, H] and the
+  // router weight [E, H]; decode-sized T in one launch on CUDA.
+  m.def("moe_router_route(Tensor x, Tensor weight, Tensor expert_bias, int n_group, int topk_group, int top_k, "
+        "float routed_scaling_factor, bool renormalize) -> (Tensor, Tensor, Tensor)");
   // Gradient of moe_route's weights w.r.t. router_logits: [T, E] fp32.
   m.def("moe_route_backward(Tensor grad_weights, Tensor router_logits, Tensor expert_ids, "
         "float routed_scaling_factor, bool renormalize) -> Tensor");

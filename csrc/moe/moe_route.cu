@@ -51,139 +51,211 @@ __device__ __forceinline__ void merge_top2(uint32_t& a1, uint32_t& a2, uint32_t 
   a2 = max(lo, max(a2, b2));
 }
 
-// One warp per token; lane l holds experts l + 32 j (j < kPerLane, E <= 32 kPerLane). Groups of gs = E /
-// n_group experts: gs a multiple of 32 (a group is gs / 32 consecutive j of every lane) or a divisor of 32
-// (a group is a segment of gs lanes within one j). Every selection is a warp-wide max of order keys with
-// ties broken by the lower index, so the result equals the reference's exactly. Per-block histogram of
-// the chosen experts in shared memory, flushed to `counts` with one atomic per bin.
+// The routing of one token by one warp; lane l holds experts l + 32 j (j < kPerLane, E <= 32 kPerLane). Groups
+// of gs = E / n_group experts: gs a multiple of 32 (a group is gs / 32 consecutive j of every lane) or a
+// divisor of 32 (a group is a segment of gs lanes within one j). Every selection is a warp-wide max of order
+// keys with ties broken by the lower index, so the result equals the reference's exactly. The chosen experts
+// go into the block's histogram `hist`; gscore: this warp's n_group floats of shared memory. The logits row
+// is read through L2 (ld.cg): the fused router writes it from other blocks of the same launch.
+struct RouteArgs {
+  const float* bias;
+  const int32_t* replay32;
+  const int64_t* replay64;
+  float* weights;
+  int32_t* ids_out;
+  int E, n_group, topk_group, top_k;
+  float scale;
+  bool renormalize;
+};
+
 template <int kPerLane>
-__global__ void __launch_bounds__(kRouteWarps * 32, 4)
-moe_route_kernel(const float* __restrict__ logits, const float* __restrict__ bias,
-                 const int32_t* __restrict__ replay_ids32, const int64_t* __restrict__ replay_ids64,
-                 float* __restrict__ weights, int32_t* __restrict__ ids_out, int32_t* __restrict__ counts,
-                 int T, int E, int n_group, int topk_group, int top_k, float scale, bool renormalize) {
-  extern __shared__ int smem[];
-  int* hist = smem;                                          // [E]
-  float* gscore_all = reinterpret_cast<float*>(smem + E);    // [kRouteWarps][n_group]
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  float* gscore = gscore_all + warp * n_group;
-  const bool replay = replay_ids32 != nullptr || replay_ids64 != nullptr;
-  const int gs = E / n_group;
+__device__ __forceinline__ void route_token(const RouteArgs& a, const float* row, int t, float* gscore, int* hist) {
+  const int lane = threadIdx.x % 32;
+  const bool replay = a.replay32 != nullptr || a.replay64 != nullptr;
+  const int gs = a.E / a.n_group;
   int group[kPerLane];  // group of expert lane + 32 j
 #pragma unroll
   for (int j = 0; j < kPerLane; ++j) group[j] = (lane + 32 * j) / gs;
+  int my_id = 0;         // lane r < top_k: the r-th chosen expert
+  float my_score = 0.f;  // and its unbiased score
+  if (replay) {
+    if (lane < a.top_k) {
+      const int64_t off = static_cast<int64_t>(t) * a.top_k + lane;
+      my_id = a.replay32 ? a.replay32[off] : static_cast<int>(a.replay64[off]);
+      CUDA_KERNEL_ASSERT(my_id >= 0 && my_id < a.E && "moe_route: replayed expert id out of range");
+      my_score = sigmoidf(__ldcg(row + my_id));
+    }
+  } else {
+    float score[kPerLane];
+    uint32_t key[kPerLane];  // of the biased score; kTakenKey past E
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      const int e = lane + 32 * j;
+      score[j] = e < a.E ? sigmoidf(__ldcg(row + e)) : 0.f;
+      key[j] = e < a.E ? order_key(score[j] + a.bias[e]) : kTakenKey;
+    }
+    // Group scores (the sum of the group's two largest biased scores) into shared memory.
+    if (gs % 32 == 0) {  // group[j] is the same on every lane: a group is a run of consecutive j
+      uint32_t t1 = kTakenKey, t2 = kTakenKey;
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        if (32 * j < a.E) {
+          merge_top2(t1, t2, key[j], kTakenKey);
+          if (j == kPerLane - 1 || 32 * (j + 1) >= a.E || group[j + 1] != group[j]) {  // the group's last j
+            const uint32_t m1 = __reduce_max_sync(kFull, t1);
+            const int first = __ffs(__ballot_sync(kFull, t1 == m1)) - 1;
+            const uint32_t m2 = __reduce_max_sync(kFull, lane == first ? t2 : t1);
+            if (lane == 0) gscore[group[j]] = key_value(m1) + key_value(m2);
+            t1 = t2 = kTakenKey;
+          }
+        }
+      }
+    } else {  // gs divides 32: top-2 over each segment of gs lanes
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        uint32_t t1 = key[j], t2 = kTakenKey;
+        for (int offset = 1; offset < gs; offset <<= 1) {
+          const uint32_t o1 = __shfl_xor_sync(kFull, t1, offset), o2 = __shfl_xor_sync(kFull, t2, offset);
+          merge_top2(t1, t2, o1, o2);
+        }
+        if (lane % gs == 0 && lane + 32 * j < a.E) gscore[group[j]] = key_value(t1) + key_value(t2);
+      }
+    }
+    __syncwarp();
+    // Keep topk_group groups: group g is kept when fewer than topk_group groups beat it.
+    unsigned long long kept = 0ull;
+    for (int base = 0; base < a.n_group; base += 32) {
+      const int g = base + lane;
+      int rank = 0;
+      if (g < a.n_group) {
+        const float v = gscore[g];
+        for (int h = 0; h < a.n_group; ++h) rank += beats(gscore[h], h, v, g);
+      }
+      kept |= static_cast<unsigned long long>(__ballot_sync(kFull, g < a.n_group && rank < a.topk_group)) << base;
+    }
+    __syncwarp();  // gscore is rewritten by the next token
+    const uint32_t dropped = order_key(-INFINITY);
+#pragma unroll
+    for (int j = 0; j < kPerLane; ++j) {
+      if (lane + 32 * j < a.E && !((kept >> group[j]) & 1ull)) key[j] = dropped;
+    }
+    // top_k rounds: the largest key left, and of its holders the lowest expert index.
+    for (int r = 0; r < a.top_k; ++r) {
+      uint32_t head = key[0];
+#pragma unroll
+      for (int j = 1; j < kPerLane; ++j) head = max(head, key[j]);
+      const uint32_t best = __reduce_max_sync(kFull, head);
+      int mine = INT_MAX;  // this lane's lowest expert holding the best key
+#pragma unroll
+      for (int j = kPerLane - 1; j >= 0; --j) {
+        if (key[j] == best) mine = lane + 32 * j;
+      }
+      const int winner = static_cast<int>(__reduce_min_sync(kFull, static_cast<unsigned>(mine)));
+      float won_score = 0.f;
+#pragma unroll
+      for (int j = 0; j < kPerLane; ++j) {
+        if (lane + 32 * j == winner) {
+          won_score = score[j];
+          key[j] = kTakenKey;
+        }
+      }
+      won_score = __shfl_sync(kFull, won_score, winner % 32);
+      if (lane == r) {
+        my_id = winner;
+        my_score = won_score;
+      }
+    }
+  }
+  // Weights: the unbiased scores, renormalized over the k (summed in slot order) and scaled.
+  float denom = 0.f;
+  for (int j = 0; j < a.top_k; ++j) denom += __shfl_sync(kFull, my_score, j);
+  if (lane < a.top_k) {
+    const float w = a.renormalize ? my_score / (denom + 1e-20f) : my_score;
+    const int64_t off = static_cast<int64_t>(t) * a.top_k + lane;
+    a.weights[off] = w * a.scale;
+    a.ids_out[off] = my_id;
+    atomicAdd(&hist[my_id], 1);
+  }
+}
 
-  for (int e = threadIdx.x; e < E; e += blockDim.x) hist[e] = 0;
+// One warp per token (route_token); per-block histogram of the chosen experts in shared memory, flushed to
+// `counts` with one atomic per bin.
+template <int kPerLane>
+__global__ void __launch_bounds__(kRouteWarps * 32, 4)
+moe_route_kernel(const float* __restrict__ logits, RouteArgs a, int32_t* __restrict__ counts, int T) {
+  extern __shared__ int smem[];
+  int* hist = smem;                                          // [E]
+  float* gscore_all = reinterpret_cast<float*>(smem + a.E);  // [kRouteWarps][n_group]
+  const int warp = threadIdx.x / 32;
+  for (int e = threadIdx.x; e < a.E; e += blockDim.x) hist[e] = 0;
   __syncthreads();
-
   for (int t = blockIdx.x * kRouteWarps + warp; t < T; t += gridDim.x * kRouteWarps) {
-    const float* row = logits + static_cast<int64_t>(t) * E;
-    int my_id = 0;         // lane r < top_k: the r-th chosen expert
-    float my_score = 0.f;  // and its unbiased score
-    if (replay) {
-      if (lane < top_k) {
-        const int64_t off = static_cast<int64_t>(t) * top_k + lane;
-        my_id = replay_ids32 ? replay_ids32[off] : static_cast<int>(replay_ids64[off]);
-        CUDA_KERNEL_ASSERT(my_id >= 0 && my_id < E && "moe_route: replayed expert id out of range");
-        my_score = sigmoidf(row[my_id]);
-      }
-    } else {
-      float score[kPerLane];
-      uint32_t key[kPerLane];  // of the biased score; kTakenKey past E
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        const int e = lane + 32 * j;
-        score[j] = e < E ? sigmoidf(row[e]) : 0.f;
-        key[j] = e < E ? order_key(score[j] + bias[e]) : kTakenKey;
-      }
-      // Group scores (the sum of the group's two largest biased scores) into shared memory.
-      if (gs % 32 == 0) {  // group[j] is the same on every lane: a group is a run of consecutive j
-        uint32_t t1 = kTakenKey, t2 = kTakenKey;
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j) {
-          if (32 * j < E) {
-            merge_top2(t1, t2, key[j], kTakenKey);
-            if (j == kPerLane - 1 || 32 * (j + 1) >= E || group[j + 1] != group[j]) {  // the group's last j
-              const uint32_t m1 = __reduce_max_sync(kFull, t1);
-              const int first = __ffs(__ballot_sync(kFull, t1 == m1)) - 1;
-              const uint32_t m2 = __reduce_max_sync(kFull, lane == first ? t2 : t1);
-              if (lane == 0) gscore[group[j]] = key_value(m1) + key_value(m2);
-              t1 = t2 = kTakenKey;
-            }
-          }
-        }
-      } else {  // gs divides 32: top-2 over each segment of gs lanes
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j) {
-          uint32_t t1 = key[j], t2 = kTakenKey;
-          for (int offset = 1; offset < gs; offset <<= 1) {
-            const uint32_t o1 = __shfl_xor_sync(kFull, t1, offset), o2 = __shfl_xor_sync(kFull, t2, offset);
-            merge_top2(t1, t2, o1, o2);
-          }
-          if (lane % gs == 0 && lane + 32 * j < E) gscore[group[j]] = key_value(t1) + key_value(t2);
-        }
-      }
-      __syncwarp();
-      // Keep topk_group groups: group g is kept when fewer than topk_group groups beat it.
-      unsigned long long kept = 0ull;
-      for (int base = 0; base < n_group; base += 32) {
-        const int g = base + lane;
-        int rank = 0;
-        if (g < n_group) {
-          const float v = gscore[g];
-          for (int h = 0; h < n_group; ++h) rank += beats(gscore[h], h, v, g);
-        }
-        kept |= static_cast<unsigned long long>(__ballot_sync(kFull, g < n_group && rank < topk_group)) << base;
-      }
-      __syncwarp();  // gscore is rewritten by the next token
-      const uint32_t dropped = order_key(-INFINITY);
-#pragma unroll
-      for (int j = 0; j < kPerLane; ++j) {
-        if (lane + 32 * j < E && !((kept >> group[j]) & 1ull)) key[j] = dropped;
-      }
-      // top_k rounds: the largest key left, and of its holders the lowest expert index.
-      for (int r = 0; r < top_k; ++r) {
-        uint32_t head = key[0];
-#pragma unroll
-        for (int j = 1; j < kPerLane; ++j) head = max(head, key[j]);
-        const uint32_t best = __reduce_max_sync(kFull, head);
-        int mine = INT_MAX;  // this lane's lowest expert holding the best key
-#pragma unroll
-        for (int j = kPerLane - 1; j >= 0; --j) {
-          if (key[j] == best) mine = lane + 32 * j;
-        }
-        const int winner = static_cast<int>(__reduce_min_sync(kFull, static_cast<unsigned>(mine)));
-        float won_score = 0.f;
-#pragma unroll
-        for (int j = 0; j < kPerLane; ++j) {
-          if (lane + 32 * j == winner) {
-            won_score = score[j];
-            key[j] = kTakenKey;
-          }
-        }
-        won_score = __shfl_sync(kFull, won_score, winner % 32);
-        if (lane == r) {
-          my_id = winner;
-          my_score = won_score;
-        }
-      }
-    }
-    // Weights: the unbiased scores, renormalized over the k (summed in slot order) and scaled.
-    float denom = 0.f;
-    for (int j = 0; j < top_k; ++j) denom += __shfl_sync(kFull, my_score, j);
-    if (lane < top_k) {
-      const float w = renormalize ? my_score / (denom + 1e-20f) : my_score;
-      const int64_t off = static_cast<int64_t>(t) * top_k + lane;
-      weights[off] = w * scale;
-      ids_out[off] = my_id;
-      atomicAdd(&hist[my_id], 1);
-    }
+    route_token<kPerLane>(a, logits + static_cast<int64_t>(t) * a.E, t, gscore_all + warp * a.n_group, hist);
     __syncwarp();
   }
   __syncthreads();
-  for (int e = threadIdx.x; e < E; e += blockDim.x) {
+  for (int e = threadIdx.x; e < a.E; e += blockDim.x) {
     if (hist[e] != 0) atomicAdd(&counts[e], hist[e]);
   }
+}
+
+// Router GEMM and routing in one launch for decode-sized T (<= kFusedRouteTokens): warp w of block b computes
+// the logits of expert b * kRouteWarps + w for every token (fp32 accumulation over 16-byte loads, written to
+// the workspace `logits`); the block that finishes last (a ticket taken after a fence; it resets the ticket
+// for the next launch) routes the tokens, one warp each, and writes every entry of `counts`.
+constexpr int kFusedRouteTokens = 16;
+
+template <int kPerLane, typename in_t>
+__global__ void __launch_bounds__(kRouteWarps * 32)
+router_route_kernel(const in_t* __restrict__ x, const in_t* __restrict__ weight, float* __restrict__ logits,
+                    RouteArgs a, int32_t* __restrict__ counts, unsigned* __restrict__ ticket, int T, int H) {
+  extern __shared__ int smem[];
+  constexpr int kVec = 16 / sizeof(in_t);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  const int e = blockIdx.x * kRouteWarps + warp;
+  if (e < a.E) {
+    float acc[kFusedRouteTokens] = {};
+    const in_t* w = weight + static_cast<int64_t>(e) * H;
+    for (int h = lane * kVec; h < H; h += 32 * kVec) {
+      const uint4 wr = __ldcs(reinterpret_cast<const uint4*>(w + h));
+      const in_t* wv = reinterpret_cast<const in_t*>(&wr);
+#pragma unroll
+      for (int t = 0; t < kFusedRouteTokens; ++t) {
+        if (t < T) {
+          const uint4 xr = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(t) * H + h));
+          const in_t* xv = reinterpret_cast<const in_t*>(&xr);
+#pragma unroll
+          for (int i = 0; i < kVec; ++i) acc[t] = fmaf(static_cast<float>(xv[i]), static_cast<float>(wv[i]), acc[t]);
+        }
+      }
+    }
+#pragma unroll
+    for (int t = 0; t < kFusedRouteTokens; ++t) {
+      if (t < T) {
+        float v = acc[t];
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+        if (lane == 0) logits[static_cast<int64_t>(t) * a.E + e] = v;
+      }
+    }
+    __threadfence();  // the logits are visible device-wide before the block takes its ticket
+  }
+  __shared__ bool last;
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(ticket, 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  int* hist = smem;                                          // [E]
+  float* gscore_all = reinterpret_cast<float*>(smem + a.E);  // [kRouteWarps][n_group]
+  for (int i = threadIdx.x; i < a.E; i += blockDim.x) hist[i] = 0;
+  __syncthreads();
+  for (int t = warp; t < T; t += kRouteWarps) {
+    route_token<kPerLane>(a, logits + static_cast<int64_t>(t) * a.E, t, gscore_all + warp * a.n_group, hist);
+    __syncwarp();
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < a.E; i += blockDim.x) counts[i] = hist[i];
+  if (threadIdx.x == 0) *ticket = 0u;
 }
 
 // One thread per token: d w_j / d s_i = scale * (delta_ij / (S + eps) - s_j / (S + eps)^2) when
@@ -377,6 +449,35 @@ void dispatch_id_type(const at::Tensor& ids, F&& f) {
 
 }  // namespace
 
+static void check_route_config(int64_t E, int64_t n_group, int64_t topk_group, int64_t top_k, const char* experts_arg) {
+  RK_CHECK_ARG(E >= 1 && E <= 512, experts_arg, "expected 1 <= E <= 512 experts, got ", E);
+  RK_CHECK_ARG(n_group >= 1 && n_group <= 64 && E % n_group == 0 && E / n_group >= 2 &&
+                   ((E / n_group) % 32 == 0 || 32 % (E / n_group) == 0),
+               "n_group", "expected a divisor of E=", E, " giving groups of 2, 4, 8, 16 or a multiple of 32 experts ",
+               "and n_group <= 64, got ", n_group);
+  RK_CHECK_ARG(topk_group >= 1 && topk_group <= n_group, "topk_group", "expected 1..", n_group, ", got ", topk_group);
+  RK_CHECK_ARG(top_k >= 1 && top_k <= 32 && top_k <= E, "top_k", "expected 1..min(32, E), got ", top_k);
+}
+
+static RouteArgs route_args(const at::Tensor& bias, const int32_t* replay32, const int64_t* replay64,
+                              at::Tensor& weights, at::Tensor& ids_out, int64_t E, int64_t n_group, int64_t topk_group,
+                              int64_t top_k,
+                              double scale, bool renormalize) {
+  return RouteArgs{bias.data_ptr<float>(), replay32, replay64, weights.data_ptr<float>(), ids_out.data_ptr<int32_t>(),
+                   static_cast<int>(E), static_cast<int>(n_group), static_cast<int>(topk_group),
+                   static_cast<int>(top_k), static_cast<float>(scale), renormalize};
+}
+
+// Calls f(std::integral_constant<int, kPerLane>{}) with the experts per lane that E needs.
+template <typename F>
+void with_lanes(int64_t E, F&& f) {
+  if (E <= 32) f(std::integral_constant<int, 1>{});
+  else if (E <= 64) f(std::integral_constant<int, 2>{});
+  else if (E <= 128) f(std::integral_constant<int, 4>{});
+  else if (E <= 256) f(std::integral_constant<int, 8>{});
+  else f(std::integral_constant<int, 16>{});
+}
+
 // router_logits: a contiguous fp32 CUDA tensor [T, E] (checked by the forward and the backward).
 static void check_router_logits(const at::Tensor& router_logits) {
   check_cuda(router_logits, "router_logits");
@@ -397,13 +498,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& 
   check_dtype(expert_bias, "expert_bias", {at::kFloat});
   RK_CHECK_ARG(expert_bias.dim() == 1 && expert_bias.size(0) == E, "expert_bias", "expected [", E, "], got ",
                expert_bias.sizes());
-  RK_CHECK_ARG(E >= 1 && E <= 512, "router_logits", "expected 1 <= E <= 512 experts, got ", E);
-  RK_CHECK_ARG(n_group >= 1 && n_group <= 64 && E % n_group == 0 && E / n_group >= 2 &&
-                   ((E / n_group) % 32 == 0 || 32 % (E / n_group) == 0),
-               "n_group", "expected a divisor of E=", E, " giving groups of 2, 4, 8, 16 or a multiple of 32 experts ",
-               "and n_group <= 64, got ", n_group);
-  RK_CHECK_ARG(topk_group >= 1 && topk_group <= n_group, "topk_group", "expected 1..", n_group, ", got ", topk_group);
-  RK_CHECK_ARG(top_k >= 1 && top_k <= 32 && top_k <= E, "top_k", "expected 1..min(32, E), got ", top_k);
+  check_route_config(E, n_group, topk_group, top_k, "router_logits");
   const int32_t* replay32 = nullptr;
   const int64_t* replay64 = nullptr;
   if (expert_ids.has_value()) {
@@ -425,18 +520,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& 
   const int64_t blocks = std::min<int64_t>((T + kRouteWarps - 1) / kRouteWarps, 8 * sms);
   const size_t smem = sizeof(int) * (E + kRouteWarps * n_group);
   auto stream = at::cuda::getCurrentCUDAStream();
-  auto launch = [&](auto kernel) {
-    kernel<<<blocks, kRouteWarps * 32, smem, stream>>>(
-        router_logits.data_ptr<float>(), expert_bias.data_ptr<float>(), replay32, replay64,
-        weights.data_ptr<float>(), ids_out.data_ptr<int32_t>(), counts.data_ptr<int32_t>(), static_cast<int>(T),
-        static_cast<int>(E), static_cast<int>(n_group), static_cast<int>(topk_group), static_cast<int>(top_k),
-        static_cast<float>(routed_scaling_factor), renormalize);
-  };
-  if (E <= 32) launch(moe_route_kernel<1>);
-  else if (E <= 64) launch(moe_route_kernel<2>);
-  else if (E <= 128) launch(moe_route_kernel<4>);
-  else if (E <= 256) launch(moe_route_kernel<8>);
-  else launch(moe_route_kernel<16>);
+  const RouteArgs args = route_args(expert_bias, replay32, replay64, weights, ids_out, E, n_group, topk_group, top_k,
+                                    routed_scaling_factor, renormalize);
+  with_lanes(E, [&](auto per_lane) {
+    moe_route_kernel<per_lane.value><<<blocks, kRouteWarps * 32, smem, stream>>>(
+        router_logits.data_ptr<float>(), args, counts.data_ptr<int32_t>(), static_cast<int>(T));
+  });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {weights, ids_out, counts};
 }
@@ -559,7 +648,62 @@ at::Tensor router_logits_cuda(const at::Tensor& x, const at::Tensor& weight) {
   return logits;
 }
 
+// Router GEMM and routing of the cached inference step (no autograd): moe_route(router_logits(x, weight), ...)
+// without replay. Decode-sized T (<= kFusedRouteTokens) with x and weight both bf16 or both fp32, contiguous
+// and 16-byte aligned: one launch (router_route_kernel; its logits are fp32 sums in another order than
+// cuBLAS's); otherwise the two ops.
+std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router_route_cuda(
+    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_bias, int64_t n_group, int64_t topk_group,
+    int64_t top_k, double routed_scaling_factor, bool renormalize) {
+  check_cuda(x, "x");
+  check_same_device(weight, x, "weight");
+  RK_CHECK_ARG(x.dim() == 2, "x", "expected [T, H], got ", x.sizes());
+  RK_CHECK_ARG(weight.dim() == 2 && weight.size(1) == x.size(1), "weight", "expected [E, ", x.size(1), "], got ",
+               weight.sizes());
+  const int64_t T = x.size(0), H = x.size(1), E = weight.size(0);
+  const bool same_type = x.scalar_type() == weight.scalar_type() &&
+                         (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat);
+  const bool fused = T >= 1 && T <= kFusedRouteTokens && same_type && x.is_contiguous() && weight.is_contiguous() &&
+                     (H * x.element_size()) % 16 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
+                     reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0;
+  if (!fused) {
+    return moe_route_cuda(router_logits_cuda(x, weight), expert_bias, n_group, topk_group, top_k,
+                          routed_scaling_factor, renormalize, std::nullopt);
+  }
+  check_same_device(expert_bias, x, "expert_bias");
+  check_contiguous(expert_bias, "expert_bias");
+  check_dtype(expert_bias, "expert_bias", {at::kFloat});
+  RK_CHECK_ARG(expert_bias.dim() == 1 && expert_bias.size(0) == E, "expert_bias", "expected [", E, "], got ",
+               expert_bias.sizes());
+  check_route_config(E, n_group, topk_group, top_k, "weight");
+  const c10::cuda::CUDAGuard guard(x.device());
+  auto f32 = x.options().dtype(at::kFloat), i32 = x.options().dtype(at::kInt);
+  auto weights = at::empty({T, top_k}, f32);
+  auto ids_out = at::empty({T, top_k}, i32);
+  auto counts = at::empty({E}, i32);  // every entry written by the last block
+  auto logits = at::empty({T, E}, f32);
+  auto ticket = at::zeros({1}, i32);
+  const RouteArgs args = route_args(expert_bias, nullptr, nullptr, weights, ids_out, E, n_group, topk_group, top_k,
+                                    routed_scaling_factor, renormalize);
+  const int64_t blocks = (E + kRouteWarps - 1) / kRouteWarps;
+  const size_t smem = sizeof(int) * (E + kRouteWarps * n_group);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  with_lanes(E, [&](auto per_lane) {
+    auto launch = [&](auto tag) {
+      using in_t = decltype(tag);
+      router_route_kernel<per_lane.value, in_t><<<blocks, kRouteWarps * 32, smem, stream>>>(
+          x.data_ptr<in_t>(), weight.data_ptr<in_t>(), logits.data_ptr<float>(), args, counts.data_ptr<int32_t>(),
+          reinterpret_cast<unsigned*>(ticket.data_ptr<int32_t>()), static_cast<int>(T), static_cast<int>(H));
+    };
+    if (x.scalar_type() == at::kBFloat16) launch(c10::BFloat16{});
+    else launch(float{});
+  });
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return {weights, ids_out, counts};
+}
+
 TORCH_LIBRARY_IMPL(ringkern, CUDA, m) {
+  m.impl("moe_router_route", &moe_router_route_cuda);
   m.impl("moe_route", &moe_route_cuda);
   m.impl("router_logits", &router_logits_cuda);
   m.impl("moe_route_backward", &moe_route_backward_cuda);

@@ -117,6 +117,18 @@ def _register_moe() -> None:
                              expert_ids=expert_ids)
 
     torch.library.register_kernel("ringkern::moe_route", "cpu", route_cpu)
+
+    def router_route_cpu(x, weight, expert_bias, n_group, topk_group, top_k, routed_scaling_factor, renormalize):
+        return route_cpu(torch.ops.ringkern.router_logits(x, weight), expert_bias, n_group, topk_group, top_k,
+                         routed_scaling_factor, renormalize, None)
+
+    torch.library.register_kernel("ringkern::moe_router_route", "cpu", router_route_cpu)
+
+    @torch.library.register_fake("ringkern::moe_router_route")
+    def _(x, weight, expert_bias, n_group, topk_group, top_k, routed_scaling_factor, renormalize):
+        T, E = x.shape[0], weight.shape[0]
+        return (x.new_empty(T, top_k, dtype=torch.float32), x.new_empty(T, top_k, dtype=torch.int32),
+                x.new_empty(E, dtype=torch.int32))
     torch.library.register_kernel("ringkern::moe_route_backward", "cpu", moe_ref.moe_route_backward)
     torch.library.register_kernel("ringkern::moe_dispatch", "cpu", moe_ref.moe_dispatch)
     torch.library.register_kernel("ringkern::moe_experts_forward", "cpu", moe_ref.moe_experts_forward)

@@ -11,6 +11,7 @@ on CUDA. The functions here compute the rest without a sync:
   (each (token, expert) pair gathers its expert's matrices and runs a batched matmul) for decode-sized
   calls and under capture, chunked so its workspace stays bounded; on the CPU, where syncs cost
   nothing, the reference itself.
+- ``router_route``: the router GEMM and ``moe_route`` (one launch on CUDA at decode sizes).
 - ``moe_block``: ``moe_experts`` plus the shared expert; on CUDA one op whose few-rows kernels run the shared
   expert beside the routed ones (decode: one launch pair instead of seven kernels for the shared MLP).
 - ``qkv_norm_rope``: the fused QKV projection split into heads, q/k norms, RoPE and the decode step's
@@ -72,6 +73,16 @@ def moe_experts_gathered(x: torch.Tensor, weights: torch.Tensor, expert_ids: tor
         y = torch.bmm(down_proj[ids], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [t k, H]
         outs.append(y.view(-1, k, H))
     return _combine(torch.cat(outs), weights, x.dtype)
+
+
+def router_route(x: torch.Tensor, weight: torch.Tensor, expert_bias: torch.Tensor, *, n_group: int, topk_group: int,
+                 top_k: int, routed_scaling_factor: float, renormalize: bool
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``ops.moe_route(ops.router_logits(x, weight), expert_bias, ...)`` for cached inference (no replay, no
+    autograd): (weights [T, k] fp32, expert_ids [T, k] int32, tokens_per_expert [E] int32). On CUDA at decode
+    sizes one launch computes the logits and routes (``torch.ops.ringkern.moe_router_route``)."""
+    return torch.ops.ringkern.moe_router_route(x, weight, expert_bias, n_group, topk_group, top_k,
+                                               routed_scaling_factor, renormalize)
 
 
 def moe_block(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up_proj: torch.Tensor,
@@ -176,4 +187,5 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 __all__ = ["cache_attention_mask", "cached_attention", "decode_attention_reference", "decode_kernel_supported",
-           "moe_block", "moe_block_inference_reference", "moe_experts", "moe_experts_gathered", "qkv_norm_rope"]
+           "moe_block", "moe_block_inference_reference", "moe_experts", "moe_experts_gathered", "qkv_norm_rope",
+           "router_route"]
