@@ -76,6 +76,9 @@ TORCH_LIBRARY(ringkern, m) {
   // of cache rows 0..B-1. Inference only (no autograd).
   m.def("qkv_norm_rope(Tensor qkv, Tensor? q_weight, Tensor? k_weight, Tensor cos, Tensor sin, int n_heads, "
         "int n_kv, float eps, Tensor(a!)? k_cache, Tensor(b!)? v_cache, Tensor? positions) -> (Tensor, Tensor, Tensor)");
+  // y = x [T, K] @ weight [N, K]^T (+ residual [T, N]) for decode-sized T (bf16; fp32 accumulation, the residual
+  // added before the one rounding).
+  m.def("small_linear(Tensor x, Tensor weight, Tensor? residual) -> Tensor");
   // Router logits x [N, H] @ weight [E, H]^T in fp32 (fp32 accumulation; bf16 inputs read as they are).
   m.def("router_logits(Tensor x, Tensor weight) -> Tensor");
 }

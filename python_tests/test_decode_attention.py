@@ -1,4 +1,6 @@
 """The split-KV decode attention kernel (csrc/attention) against its reference; CUDA tests skip on the CPU."""
+import copy
+
 import pytest
 import torch
 
@@ -100,25 +102,32 @@ def test_decode_attention_cuda_graph_replay_and_errors(monkeypatch):
 @requires_cuda
 def test_model_decode_step_uses_kernel_and_matches_masked_path(monkeypatch):
     torch.manual_seed(0)
-    cfg = RingConfig.from_preset("tiny", head_dim=64, num_nextn_predict_layers=0)
+    # Dense layers only: a bf16 rounding difference cannot flip a routing choice and grow from there.
+    cfg = RingConfig.from_preset("tiny", head_dim=64, num_nextn_predict_layers=0, num_hidden_layers=2,
+                                 first_k_dense_replace=2)
     model = RingFlashModel(cfg).cuda().bfloat16().eval()
     ids = torch.randint(0, cfg.vocab_size, (3, 20), device="cuda")
     calls = []
     real = torch.ops.ringkern.decode_attention
 
-    def outputs(use_kernel):
-        cache = KVCache.allocate(cfg, 3, 64, dtype=torch.bfloat16, device="cuda")
+    def outputs(use_kernel, net, dtype=torch.bfloat16):
+        cache = KVCache.allocate(cfg, 3, 64, dtype=dtype, device="cuda")
         monkeypatch.setattr(inference, "decode_kernel_supported", lambda q, k: use_kernel)
         with torch.no_grad():
-            model(ids[:, :12], kv_cache=cache, cache_rows=torch.arange(3, device="cuda"), compute_mtp=False)
+            net(ids[:, :12], kv_cache=cache, cache_rows=torch.arange(3, device="cuda"), compute_mtp=False)
             steps = []
             for t in range(12, 20):
                 pos = torch.full((3, 1), t, device="cuda")
-                steps.append(model(ids[:, t:t + 1], kv_cache=cache, position_ids=pos, compute_mtp=False).logits)
+                steps.append(net(ids[:, t:t + 1], kv_cache=cache, position_ids=pos, compute_mtp=False).logits)
         return torch.cat(steps, 1).float()
 
     monkeypatch.setattr(torch.ops.ringkern, "decode_attention", lambda *a: calls.append(1) or real(*a),
                         raising=False)
-    with_kernel, masked = outputs(True), outputs(False)
+    with_kernel, masked = outputs(True, model), outputs(False, model)
     assert calls, "the decode step did not call the kernel"
-    assert ((with_kernel - masked).norm() / masked.norm()).item() < 2e-2
+    exact = outputs(False, copy.deepcopy(model).float(), torch.float32)
+
+    def err(got):
+        return ((got - exact).norm() / exact.norm()).item()
+
+    assert err(with_kernel) <= 2 * err(masked) + 1e-3

@@ -115,9 +115,12 @@ class Attention(nn.Module):
         self.dense = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                key_padding_mask: torch.Tensor | None, kv: LayerKV | None = None) -> torch.Tensor:
+                key_padding_mask: torch.Tensor | None, kv: LayerKV | None = None,
+                residual: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of x [B, T, H] (+ residual [B, T, H], added by the output projection when cached)."""
         B, T, _ = x.shape
-        qkv = self.query_key_value(x)  # [B, T, (Hq + 2 Hkv) D]
+        cached = kv is not None
+        qkv = _linear(self.query_key_value, x, cached=cached)  # [B, T, (Hq + 2 Hkv) D]
         norm_weights = (self.query_layernorm.weight, self.key_layernorm.weight) if self.use_qk_norm else (None, None)
         heads = (*norm_weights, cos, sin, self.n_heads, self.n_kv, self.eps)  # qkv_norm_rope's arguments
         if kv is None:  # training and uncached forwards: the differentiable composition
@@ -131,7 +134,17 @@ class Attention(nn.Module):
             kv.keys[kv.rows, :, :T] = k
             kv.values[kv.rows, :, :T] = v
             out = ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)  # [B, Hq, T, D]
-        return self.dense(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
+        return _linear(self.dense, out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), residual, cached)
+
+
+def _linear(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = None, cached: bool = False
+            ) -> torch.Tensor:
+    """layer(x) (+ residual). Cached inference takes ``inference_ops.linear``: at decode sizes on CUDA one
+    weight-streaming launch that also adds the residual."""
+    if cached:
+        return inference_ops.linear(x, layer.weight, residual)
+    y = layer(x)
+    return y if residual is None else residual + y
 
 
 class DenseMLP(nn.Module):
@@ -143,8 +156,10 @@ class DenseMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, cached: bool = False) -> torch.Tensor:
+        """The MLP of x (+ residual, added by the down projection when ``cached``: see :func:`_linear`)."""
+        act = F.silu(_linear(self.gate_proj, x, cached=cached)) * _linear(self.up_proj, x, cached=cached)
+        return _linear(self.down_proj, act, residual, cached)
 
 
 class Router(nn.Module):
@@ -279,10 +294,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, key_padding_mask, expert_ids=None, kv: LayerKV | None = None,
                 load_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing | None]:
         """load_mask [B, T] bool: the tokens counted in the expert load (default: key_padding_mask)."""
-        x = x + self.attention(self.input_layernorm(x), cos, sin, key_padding_mask, kv)
+        x = self.attention(self.input_layernorm(x), cos, sin, key_padding_mask, kv, residual=x)
         h = self.post_attention_layernorm(x)
         if not self.is_moe:
-            return x + self.mlp(h), None
+            return self.mlp(h, residual=x, cached=kv is not None), None
         # cached inference: no load statistics needed, and the decode step stays free of extra kernels
         counted = key_padding_mask if load_mask is None else load_mask
         y, routing = self.mlp(h, expert_ids, sync_free=kv is not None, token_mask=counted if kv is None else None)
@@ -336,6 +351,7 @@ class RingFlashModel(nn.Module):
         self.model = RingModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self._rope_tables: dict[torch.device, tuple[torch.Tensor, float]] = {}
+        self._rope_position_tables: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
         if not any(p.is_meta for p in self.parameters()):
             self.reset_parameters()
 
@@ -364,8 +380,16 @@ class RingFlashModel(nn.Module):
         return {i: layer.mlp.gate for i, layer in enumerate(self.model.layers) if layer.is_moe}
 
     # ----------------------------------------------------------------- forward
-    def rope(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos/sin tables [B, T, rot] for position_ids [B, T] (YaRN-scaled when rope_scaling says so)."""
+    def rope(self, position_ids: torch.Tensor, max_position: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos/sin tables [..., rot] for position_ids [...] (YaRN-scaled when rope_scaling says so). Given
+        ``max_position`` (a bound on position_ids, e.g. a KV cache's length), rows of a table made once per device
+        (the same numbers: one gather per call instead of five kernels in a decode step)."""
+        if max_position is not None:
+            table = self._rope_position_tables.get(position_ids.device)
+            if table is None or table[0].shape[0] < max_position:
+                table = self.rope(torch.arange(max_position, device=position_ids.device))
+                self._rope_position_tables[position_ids.device] = table
+            return F.embedding(position_ids, table[0]), F.embedding(position_ids, table[1])
         inv_freq, scale = self._rope_frequencies(position_ids.device)
         cos, sin = ops.rope_cos_sin(position_ids, inv_freq)
         return (cos * scale, sin * scale) if scale != 1.0 else (cos, sin)
@@ -406,7 +430,7 @@ class RingFlashModel(nn.Module):
         if position_ids is None:
             position_ids = (torch.arange(T, device=input_ids.device).expand(B, T) if key_padding_mask is None
                             else (key_padding_mask.long().cumsum(-1) - 1).clamp_min(0))
-        cos, sin = self.rope(position_ids)
+        cos, sin = self.rope(position_ids, None if kv_cache is None else kv_cache.max_seq_len)
         replay = expert_ids or {}
         out = RingOutput(hidden_states=input_ids.new_empty(0), logits=None)
         decode_mask = self._decode_mask(position_ids, kv_cache, cache_rows)
@@ -458,7 +482,7 @@ class RingFlashModel(nn.Module):
         key_padding_mask = None if attention_mask is None else attention_mask.bool()
         if position_ids is None:
             position_ids = torch.arange(T, device=next_ids.device).expand(B, T)
-        cos, sin = self.rope(position_ids)
+        cos, sin = self.rope(position_ids, None if kv_cache is None else kv_cache.max_seq_len)
         kv = _layer_kv(kv_cache, idx, position_ids, cache_rows, self._decode_mask(position_ids, kv_cache, cache_rows))
         h, routing = self.mtp_layers[depth - 1](hidden, self.model.word_embeddings(next_ids), cos, sin,
                                                 key_padding_mask, None, kv)
@@ -466,10 +490,16 @@ class RingFlashModel(nn.Module):
 
     def _decode_mask(self, position_ids: torch.Tensor, kv_cache: KVCache | None,
                      cache_rows: torch.Tensor | None) -> torch.Tensor | None:
-        """The cached-attention mask of a decode call (shared by its layers); None otherwise."""
+        """The cached-attention mask of a decode call (shared by its layers); None otherwise, and None when the
+        decode kernel takes the attention (it needs no mask; ``cached_attention`` makes one if it does not)."""
         if kv_cache is None or cache_rows is not None:
             return None
-        groups = self.config.num_attention_heads // self.config.num_key_value_heads
+        cfg = self.config
+        groups = cfg.num_attention_heads // cfg.num_key_value_heads
+        keys = kv_cache.keys[0]
+        if inference_ops.decode_kernel_applies(keys.device, keys.dtype, keys.dtype, groups, position_ids.shape[1],
+                                               cfg.head_dim):
+            return None
         return inference_ops.cache_attention_mask(position_ids, kv_cache.max_seq_len, groups)
 
     @staticmethod

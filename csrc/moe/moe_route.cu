@@ -199,45 +199,73 @@ moe_route_kernel(const float* __restrict__ logits, RouteArgs a, int32_t* __restr
   }
 }
 
-// Router GEMM and routing in one launch for decode-sized T (<= kFusedRouteTokens): warp w of block b computes
-// the logits of expert b * kRouteWarps + w for every token (fp32 accumulation over 16-byte loads, written to
-// the workspace `logits`); the block that finishes last (a ticket taken after a fence; it resets the ticket
-// for the next launch) routes the tokens, one warp each, and writes every entry of `counts`.
+// Router GEMM and routing in one launch for decode-sized T (<= kFusedRouteTokens). Each expert's logits take
+// kSplitH warps of a block (warp w: expert blockIdx.x * kRouteExperts + w / kSplitH, 16-byte column chunks
+// w % kSplitH, + kSplitH, ...; fp32 accumulation, the kSplitH partial sums added in warp order through shared
+// memory), so the E weight rows stream from E * kSplitH warps with four 16-byte loads in flight per lane. The
+// logits go to the workspace `logits`; the block that finishes last (a ticket taken after every writer's
+// fence; it resets the ticket for the next launch) routes the tokens, one warp each, and writes every entry
+// of `counts`.
 constexpr int kFusedRouteTokens = 16;
+constexpr int kSplitH = 4;
+constexpr int kRouteExperts = kRouteWarps / kSplitH;  // experts per block
+constexpr int kRouteLoads = 4;                        // 16-byte weight loads in flight per lane
 
 template <int kPerLane, typename in_t>
 __global__ void __launch_bounds__(kRouteWarps * 32)
 router_route_kernel(const in_t* __restrict__ x, const in_t* __restrict__ weight, float* __restrict__ logits,
                     RouteArgs a, int32_t* __restrict__ counts, unsigned* __restrict__ ticket, int T, int H) {
   extern __shared__ int smem[];
+  __shared__ float partial[kRouteWarps][kFusedRouteTokens];
   constexpr int kVec = 16 / sizeof(in_t);
+  constexpr int kStride = kSplitH * 32 * kVec;  // columns between one lane's consecutive chunks
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int e = blockIdx.x * kRouteWarps + warp;
+  const int e = blockIdx.x * kRouteExperts + warp / kSplitH;
+  float acc[kFusedRouteTokens] = {};
   if (e < a.E) {
-    float acc[kFusedRouteTokens] = {};
     const in_t* w = weight + static_cast<int64_t>(e) * H;
-    for (int h = lane * kVec; h < H; h += 32 * kVec) {
-      const uint4 wr = __ldcs(reinterpret_cast<const uint4*>(w + h));
-      const in_t* wv = reinterpret_cast<const in_t*>(&wr);
+    for (int h0 = ((warp % kSplitH) * 32 + lane) * kVec; h0 < H; h0 += kRouteLoads * kStride) {
+      uint4 wr[kRouteLoads];
 #pragma unroll
-      for (int t = 0; t < kFusedRouteTokens; ++t) {
-        if (t < T) {
-          const uint4 xr = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(t) * H + h));
-          const in_t* xv = reinterpret_cast<const in_t*>(&xr);
+      for (int u = 0; u < kRouteLoads; ++u) {
+        const int h = h0 + u * kStride;
+        wr[u] = h < H ? __ldcs(reinterpret_cast<const uint4*>(w + h)) : make_uint4(0, 0, 0, 0);
+      }
 #pragma unroll
-          for (int i = 0; i < kVec; ++i) acc[t] = fmaf(static_cast<float>(xv[i]), static_cast<float>(wv[i]), acc[t]);
+      for (int u = 0; u < kRouteLoads; ++u) {
+        const int h = h0 + u * kStride;
+        if (h >= H) break;
+        const in_t* wv = reinterpret_cast<const in_t*>(&wr[u]);
+#pragma unroll
+        for (int t = 0; t < kFusedRouteTokens; ++t) {
+          if (t < T) {
+            const uint4 xr = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(t) * H + h));
+            const in_t* xv = reinterpret_cast<const in_t*>(&xr);
+#pragma unroll
+            for (int i = 0; i < kVec; ++i) acc[t] = fmaf(static_cast<float>(xv[i]), static_cast<float>(wv[i]), acc[t]);
+          }
         }
       }
     }
+  }
 #pragma unroll
-    for (int t = 0; t < kFusedRouteTokens; ++t) {
-      if (t < T) {
-        float v = acc[t];
-        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-        if (lane == 0) logits[static_cast<int64_t>(t) * a.E + e] = v;
-      }
+  for (int t = 0; t < kFusedRouteTokens; ++t) {
+    if (t < T) {
+      float v = acc[t];
+      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
+      if (lane == 0) partial[warp][t] = v;
     }
-    __threadfence();  // the logits are visible device-wide before the block takes its ticket
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < kRouteExperts * T; i += blockDim.x) {
+    const int slot = i / T, t = i % T, expert = blockIdx.x * kRouteExperts + slot;
+    if (expert < a.E) {
+      float v = 0.f;
+#pragma unroll
+      for (int s = 0; s < kSplitH; ++s) v += partial[slot * kSplitH + s][t];
+      logits[static_cast<int64_t>(t) * a.E + expert] = v;
+      __threadfence();  // the logits are visible device-wide before the block takes its ticket
+    }
   }
   __shared__ bool last;
   __syncthreads();
@@ -685,7 +713,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router_route_cuda(
   auto ticket = at::zeros({1}, i32);
   const RouteArgs args = route_args(expert_bias, nullptr, nullptr, weights, ids_out, E, n_group, topk_group, top_k,
                                     routed_scaling_factor, renormalize);
-  const int64_t blocks = (E + kRouteWarps - 1) / kRouteWarps;
+  const int64_t blocks = (E + kRouteExperts - 1) / kRouteExperts;
   const size_t smem = sizeof(int) * (E + kRouteWarps * n_group);
   auto stream = at::cuda::getCurrentCUDAStream();
   with_lanes(E, [&](auto per_lane) {

@@ -65,17 +65,22 @@ def _register_mtp_input() -> None:
 _register_mtp_input()
 
 
-def _register_decode_attention() -> None:
-    from .inference import decode_attention_reference
+def _register_decode() -> None:
+    from .inference import decode_attention_reference, small_linear_reference
 
     torch.library.register_kernel("ringkern::decode_attention", "cpu", decode_attention_reference)
+    torch.library.register_kernel("ringkern::small_linear", "cpu", small_linear_reference)
 
     @torch.library.register_fake("ringkern::decode_attention")
     def _(q, k_cache, v_cache, positions):
         return torch.empty_like(q)
 
+    @torch.library.register_fake("ringkern::small_linear")
+    def _(x, weight, residual):
+        return x.new_empty(x.shape[0], weight.shape[0])
 
-_register_decode_attention()
+
+_register_decode()
 
 
 def _register_qkv_norm_rope() -> None:

@@ -14,6 +14,8 @@ on CUDA. The functions here compute the rest without a sync:
 - ``router_route``: the router GEMM and ``moe_route`` (one launch on CUDA at decode sizes).
 - ``moe_block``: ``moe_experts`` plus the shared expert; on CUDA one op whose few-rows kernels run the shared
   expert beside the routed ones (decode: one launch pair instead of seven kernels for the shared MLP).
+- ``linear``: the dense projections (fused QKV, attention output plus residual, dense MLP) at decode sizes in one
+  weight-streaming launch each (``csrc/linear/small_linear.cu``).
 - ``qkv_norm_rope``: the fused QKV projection split into heads, q/k norms, RoPE and the decode step's
   cache write in one kernel (``csrc/attention/qkv_norm_rope.cu``).
 - ``cached_attention``: queries attend to a cache row's keys at positions <= their own (the mask from
@@ -38,6 +40,8 @@ _GATHER_WORKSPACE_BYTES = 1 << 28
 # Above this many (token, expert) pairs an uncaptured call (a prefill) takes the reference loop, which reads
 # each expert once instead of once per pair.
 _GATHER_MAX_PAIRS = 512
+# Rows up to which ``linear`` takes the weight-streaming kernel (one pass over the weight reads 32 rows).
+_SMALL_LINEAR_ROWS = 32
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
@@ -120,6 +124,29 @@ def _combine(y_pairs: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -
     return acc.sum(1).to(dtype)
 
 
+def linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ weight^T (+ residual) for cached inference; x [..., K], weight [N, K], residual [..., N]. On CUDA
+    with bf16 tensors and at most ``_SMALL_LINEAR_ROWS`` rows (decode sizes), one weight-streaming launch that
+    adds the residual before its one rounding (``torch.ops.ringkern.small_linear``, contract:
+    :func:`small_linear_reference`); otherwise ``F.linear`` (+ residual)."""
+    rows, K = x.numel() // x.shape[-1], x.shape[-1]
+    N = weight.shape[0]
+    if (x.is_cuda and x.dtype == weight.dtype == torch.bfloat16 and 1 <= rows <= _SMALL_LINEAR_ROWS
+            and K % 128 == 0 and N % 16 == 0 and (residual is None or residual.dtype == torch.bfloat16)):
+        res = None if residual is None else residual.reshape(rows, N).contiguous()
+        y = torch.ops.ringkern.small_linear(x.reshape(rows, K).contiguous(), weight.contiguous(), res)
+        return y.view(*x.shape[:-1], N)
+    y = F.linear(x, weight)
+    return y if residual is None else residual + y
+
+
+def small_linear_reference(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
+    """The contract of ``torch.ops.ringkern.small_linear`` (its CPU kernel): x [T, K] @ weight [N, K]^T with
+    fp32 accumulation, plus residual [T, N] in fp32, rounded once to x's dtype."""
+    y = x.float() @ weight.float().t()
+    return (y if residual is None else y + residual.float()).to(x.dtype)
+
+
 def cache_attention_mask(positions: torch.Tensor, cache_len: int, groups: int) -> torch.Tensor:
     """Mask of :func:`cached_attention`: [B, 1, G T, S] bool, True where key s <= positions[b, t].
 
@@ -131,29 +158,38 @@ def cache_attention_mask(positions: torch.Tensor, cache_len: int, groups: int) -
 
 
 def cached_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                     mask: torch.Tensor, positions: torch.Tensor | None = None) -> torch.Tensor:
+                     mask: torch.Tensor | None, positions: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of new queries over cache rows that already hold their own keys and values.
 
     q: [B, Hq, T, D]; k_cache, v_cache: [B, Hkv, S, D]; mask: :func:`cache_attention_mask` of the
-    queries' positions [B, T] (whatever the rows hold past a query's position is masked). When
-    ``decode_kernel_supported``, given ``positions``, the split-KV decode kernel of csrc/attention
-    (``torch.ops.ringkern.decode_attention``); otherwise SDPA with the mask, the G = Hq/Hkv
-    query heads of a group folded into the query axis so K and V are read once per group (no GQA expansion).
+    queries' positions [B, T] (whatever the rows hold past a query's position is masked), or None to make it
+    here from ``positions``. When ``decode_kernel_supported``, given ``positions``, the split-KV decode kernel
+    of csrc/attention (``torch.ops.ringkern.decode_attention``, no mask needed); otherwise SDPA with the mask,
+    the G = Hq/Hkv query heads of a group folded into the query axis so K and V are read once per group (no
+    GQA expansion).
     """
     if positions is not None and decode_kernel_supported(q, k_cache):
         return torch.ops.ringkern.decode_attention(q.contiguous(), k_cache, v_cache, positions.contiguous())
+    if mask is None:
+        mask = cache_attention_mask(positions, k_cache.shape[2], q.shape[1] // k_cache.shape[1])
     return _masked_attention(q, k_cache, v_cache, mask)
 
 
 def decode_kernel_supported(q: torch.Tensor, k_cache: torch.Tensor) -> bool:
-    """Whether the decode step uses the CUDA decode kernel: for bf16 CUDA tensors, head dim 64/128/256 and
-    G * T * D <= 2048, unless RINGKERN_DECODE_ATTENTION=0 (then SDPA). On the H200 at Ring-flash shapes
-    (32 query heads, 4 kv heads, D=128, 1324 cached positions) one call took 8.2 / 18.3 / 45.5 us at batch
-    1 / 16 / 64 against cuDNN SDPA's 38 / 41 / 75 us (benchmarks/RESULTS.md)."""
+    """Whether the decode step's attention of q [B, Hq, T, D] over k_cache [R, Hkv, S, D] takes the CUDA
+    decode kernel (see :func:`decode_kernel_applies`)."""
     B, Hq, T, D = q.shape
-    return (os.environ.get("RINGKERN_DECODE_ATTENTION") != "0" and q.is_cuda
-            and q.dtype == k_cache.dtype == torch.bfloat16 and D in (64, 128, 256)
-            and (Hq // k_cache.shape[1]) * T * D <= 2048)
+    return decode_kernel_applies(q.device, q.dtype, k_cache.dtype, Hq // k_cache.shape[1], T, D)
+
+
+def decode_kernel_applies(device: torch.device, q_dtype: torch.dtype, kv_dtype: torch.dtype, groups: int, T: int,
+                          D: int) -> bool:
+    """The decode kernel's domain: bf16 CUDA tensors, head dim 64/128/256 and G * T * D <= 2048 (G query heads
+    per kv head), unless RINGKERN_DECODE_ATTENTION=0 (then SDPA). On the H200 at Ring-flash shapes (32 query
+    heads, 4 kv heads, D=128, 1324 cached positions) one call took 8.2 / 18.3 / 45.5 us at batch 1 / 16 / 64
+    against cuDNN SDPA's 38 / 41 / 75 us (benchmarks/RESULTS.md)."""
+    return (os.environ.get("RINGKERN_DECODE_ATTENTION") != "0" and device.type == "cuda"
+            and q_dtype == kv_dtype == torch.bfloat16 and D in (64, 128, 256) and groups * T * D <= 2048)
 
 
 def _masked_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
@@ -186,6 +222,7 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return _masked_attention(q, k_cache[:B], v_cache[:B], mask)
 
 
-__all__ = ["cache_attention_mask", "cached_attention", "decode_attention_reference", "decode_kernel_supported",
-           "moe_block", "moe_block_inference_reference", "moe_experts", "moe_experts_gathered", "qkv_norm_rope",
-           "router_route"]
+__all__ = ["cache_attention_mask", "cached_attention", "decode_attention_reference", "decode_kernel_applies",
+           "decode_kernel_supported",
+           "linear", "moe_block", "moe_block_inference_reference", "moe_experts", "moe_experts_gathered",
+           "qkv_norm_rope", "router_route", "small_linear_reference"]
