@@ -79,6 +79,9 @@ TORCH_LIBRARY(ringkern, m) {
   // y = x [T, K] @ weight [N, K]^T (+ residual [T, N]) for decode-sized T (bf16; fp32 accumulation, the residual
   // added before the one rounding).
   m.def("small_linear(Tensor x, Tensor weight, Tensor? residual) -> Tensor");
+  // One token per row of logits [B, V] (bf16/fp32) and its fp32 log-prob: greedy at temperature 0, else the
+  // Gumbel-max draw of ringkern.engine.gumbel_noise for (noise_keys, steps) [B] int64 -> (tokens int64, logprobs).
+  m.def("sample_tokens(Tensor logits, Tensor noise_keys, Tensor steps, float temperature) -> (Tensor, Tensor)");
   // Router logits x [N, H] @ weight [E, H]^T in fp32 (fp32 accumulation; bf16 inputs read as they are).
   m.def("router_logits(Tensor x, Tensor weight) -> Tensor");
 }

@@ -185,6 +185,26 @@ def test_logsumexp_matches_torch_with_filtered_entries():
     torch.testing.assert_close(engine_module.logsumexp(x), torch.logsumexp(x, -1), rtol=1e-12, atol=1e-12)
 
 
+def _unhash32(h: int) -> int:
+    """The x with engine.hash32(x) == h (each step of the mix is invertible on 32 bits)."""
+    mask = 0xFFFFFFFF
+    h ^= h >> 16
+    h = (h * pow(engine_module._MIX_B, -1, 1 << 32)) & mask
+    h ^= (h >> 15) ^ (h >> 30)
+    h = (h * pow(engine_module._MIX_A, -1, 1 << 32)) & mask
+    return h ^ (h >> 16)
+
+
+def test_gumbel_noise_is_finite_at_the_largest_hash():
+    key, step = torch.tensor([12345]), torch.tensor([7])
+    row = int(engine_module.hash32(key ^ engine_module.hash32(step)))
+    top = _unhash32(0xFFFFFFFF) ^ row  # a vocabulary hash whose mixed value is all ones
+    assert int(engine_module.hash32(torch.tensor([top ^ row]))) == 0xFFFFFFFF
+    noise = engine_module.gumbel_noise(key, step, torch.tensor([top, 0, 1]))
+    assert torch.isfinite(noise).all()
+    assert torch.isfinite(engine_module.hashed_uniform(torch.tensor([0, 1 << 31]), torch.tensor([3, 4]))).all()
+
+
 def test_stop_tokens_max_new_tokens_and_eos(model):
     engine = Engine(model, max_batch=2, max_seq_len=24)
     free = engine.generate([PROMPTS[1]], GREEDY)[0]

@@ -413,7 +413,7 @@ class Engine:
         self._positions[:batch, 0] = position
         out = self.model(self._tokens[:batch], position_ids=self._positions[:batch], kv_cache=self.cache,
                          compute_logits=False, compute_mtp=False)
-        logits = self.model.lm_head(out.hidden_states[:, -1]).float()
+        logits = self.model.lm_head(out.hidden_states[:, -1])
         tokens, logprobs = sample(logits, params, keys, steps, self._noise_basis(logits.shape[-1]))
         # The next step's inputs if the same rows decode again (see _decode): each row's new token, one
         # position and one generated token further (spare rows move along from position 0, harmlessly).
@@ -690,14 +690,21 @@ def sample(logits: torch.Tensor, params: SamplingParams, noise_keys: torch.Tenso
            vocab_hash: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Draw one token per row: (tokens [B] int64, fp32 log-probs [B] under the distribution sampled from).
 
-    logits: [B, V] fp32; noise_keys, steps: [B] int64 (see the module docstring); vocab_hash: hash32(arange(V)).
+    logits: [B, V] fp32 (or bf16: computed in fp32); noise_keys, steps: [B] int64 (see the module docstring);
+    vocab_hash: hash32(arange(V)). Without filters (greedy or plain temperature) one op,
+    ``torch.ops.ringkern.sample_tokens`` (on CUDA two launches instead of ~15 kernels of a decode step; greedy
+    never forms the [B, V] log-softmax).
     """
-    if params.greedy:  # the same numbers as filtered_logprobs(logits).gather(tokens), without the [B, V] pass
-        tokens = logits.argmax(-1)
-        return tokens, logits.gather(1, tokens.unsqueeze(1)).squeeze(1) - logsumexp(logits)
-    logp = filtered_logprobs(logits, params)  # [B, V], -inf = dropped
+    if not _filters(params, logits.shape[-1]):
+        return torch.ops.ringkern.sample_tokens(logits.contiguous(), noise_keys, steps, float(params.temperature))
+    logp = filtered_logprobs(logits.float(), params)  # [B, V], -inf = dropped
     tokens = (logp + gumbel_noise(noise_keys, steps, vocab_hash)).argmax(-1)
     return tokens, logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+
+def _filters(params: SamplingParams, vocab: int) -> bool:
+    """Whether a draw applies top-k, top-p or min-p (greedy applies none)."""
+    return not params.greedy and (0 < params.top_k < vocab or params.top_p < 1 or params.min_p > 0)
 
 
 def filtered_logprobs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -788,15 +795,16 @@ def hash32(x: torch.Tensor) -> torch.Tensor:
 def gumbel_noise(noise_keys: torch.Tensor, steps: torch.Tensor, vocab_hash: torch.Tensor) -> torch.Tensor:
     """Gumbel(0, 1) noise [B, V] fp32, a fixed function of (key, step, vocabulary index)."""
     row = hash32(noise_keys ^ hash32(steps & _MASK32))  # [B]
-    bits = hash32(row.unsqueeze(1) ^ vocab_hash) >> 8  # [B, V], 24 random bits
-    uniform = (bits.float() + 0.5) / float(1 << 24)  # in (0, 1)
+    bits = hash32(row.unsqueeze(1) ^ vocab_hash) >> 9  # [B, V], 23 random bits
+    # In (0, 1): with 24 bits, bits + 0.5 would round to 2**24 in fp32 for the top value, and u = 1 is +inf noise.
+    uniform = (bits.float() + 0.5) / float(1 << 23)
     return -torch.log(-torch.log(uniform))
 
 
 def hashed_uniform(noise_keys: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
     """Uniform(0, 1) fp32, a fixed function of (key, step); any matching shapes of int64 tensors."""
-    bits = hash32(hash32(noise_keys ^ hash32(steps & _MASK32))) >> 8  # 24 random bits
-    return (bits.float() + 0.5) / float(1 << 24)
+    bits = hash32(hash32(noise_keys ^ hash32(steps & _MASK32))) >> 9  # 23 random bits: see gumbel_noise
+    return (bits.float() + 0.5) / float(1 << 23)
 
 
 def _last_tokens(seq: _Sequence, count: int) -> list[int]:

@@ -27,6 +27,7 @@
 
 #include "../common/check.h"
 #include "../common/mma.h"
+#include "../common/pdl.h"
 
 namespace ringkern {
 namespace {
@@ -428,6 +429,8 @@ template <int D, int NR>
 __global__ void __launch_bounds__(kThreads) decode_attention_kernel(Params p) {
   extern __shared__ __align__(16) char smem[];
   const Smem<D, NR> sm{smem};
+  allow_next_grid();
+  wait_for_previous_grid();  // a programmatic dependent launch: q comes from the previous kernel
   const int bh = blockIdx.x, b = bh / p.Hkv, h = bh % p.Hkv, split = blockIdx.y;
   int64_t max_pos = -1;
   for (int t = 0; t < p.T; ++t) max_pos = max(max_pos, p.positions[b * p.T + t]);
@@ -479,10 +482,8 @@ void launch(Params p, int64_t pairs, const at::TensorOptions& options) {
   p.part_acc = part_acc.data_ptr<float>();
   p.part_ml = reinterpret_cast<float2*>(part_ml.data_ptr<float>());
   p.counters = counters.data_ptr<int>();
-  decode_attention_kernel<D, NR>
-      <<<dim3(static_cast<unsigned>(pairs), static_cast<unsigned>(p.splits)), kThreads, smem,
-         at::cuda::getCurrentCUDAStream()>>>(p);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_dependent(decode_attention_kernel<D, NR>, dim3(static_cast<unsigned>(pairs), static_cast<unsigned>(p.splits)),
+                   dim3(kThreads), smem, at::cuda::getCurrentCUDAStream(), p);
 }
 
 at::Tensor decode_attention_cuda(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,

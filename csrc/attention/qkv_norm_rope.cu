@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include "../common/check.h"
+#include "../common/pdl.h"
 
 namespace ringkern {
 namespace {
@@ -44,6 +45,8 @@ __device__ __forceinline__ float warp_sum(float v) {
 template <typename T>
 __global__ void __launch_bounds__(kWarps * 32) qkv_norm_rope_kernel(Args<T> a) {
   extern __shared__ float rows[];  // [kWarps][D]
+  allow_next_grid();
+  wait_for_previous_grid();  // a programmatic dependent launch: qkv comes from the previous kernel
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int heads = a.hq + 2 * a.hkv;
   const int head = blockIdx.y * kWarps + warp;
@@ -174,9 +177,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> qkv_norm_rope_cuda(
     if (smem > 48 * 1024) {
       C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem));
     }
-    kernel<<<grid, kWarps * 32, smem, stream>>>(a);
+    launch_dependent(kernel, grid, dim3(kWarps * 32), smem, stream, a);
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {q, k, v};
 }
 

@@ -100,6 +100,18 @@ __device__ __forceinline__ void for_each_pass(int begin, int end, Pass&& pass) {
   }
 }
 
+// Pulls into L2 the first kMmaUnroll 32-wide k chunks of every warp's K range of `rows` weight rows (row
+// stride ldw, K columns): what the block's first loads will ask for (see csrc/common/pdl.h).
+__device__ __forceinline__ void prefetch_first_chunks(const bf16* w, int64_t ldw, int rows, int K) {
+  constexpr int kLines = 32 * kMmaUnroll * sizeof(bf16) / 128;  // 128-byte lines per row and warp
+  const int kw = K / kMmaWarps;
+  for (int i = threadIdx.x; i < rows * kMmaWarps * kLines; i += blockDim.x) {
+    const int line = i % kLines, warp = (i / kLines) % kMmaWarps, row = i / (kLines * kMmaWarps);
+    const bf16* p = w + row * ldw + warp * kw + line * (128 / sizeof(bf16));
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+  }
+}
+
 // One pass over output columns n0.. n0+15 (w_rows: the first of those weight rows, row stride K) for the rows
 // [r0, min(r0 + 8 kNT, end)) of act [., K]: y[p, n] = act[p, :] . w[n, :] (+ residual[p, n], added in fp32),
 // y and residual with row stride N.

@@ -3,7 +3,8 @@
 // reading the weight once; cuBLAS's GEMV-shaped kernels for these shapes add a split-K reduction and a
 // separate residual add. Here one launch streams the weight with the few-rows tensor-core blocks of
 // csrc/common/few_rows.h (16 output columns per block, K split over its warps, fixed-order sums:
-// deterministic) and adds the residual in fp32 before the one rounding to bf16.
+// deterministic) and adds the residual in fp32 before the one rounding to bf16. A programmatic dependent launch
+// (csrc/common/pdl.h): the first weight chunks are on their way before the input is ready.
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -12,6 +13,7 @@
 
 #include "../common/check.h"
 #include "../common/few_rows.h"
+#include "../common/pdl.h"
 
 namespace ringkern {
 namespace {
@@ -29,6 +31,9 @@ small_linear_kernel(const bf16* __restrict__ x, const bf16* __restrict__ weight,
                     bf16* __restrict__ y, int T, int K, int N) {
   __shared__ float red[(kMmaWarps - 1) * kNT * 4 * 32];
   const int n0 = blockIdx.x * kMmaRows;
+  allow_next_grid();
+  few_rows::prefetch_first_chunks(weight + static_cast<int64_t>(n0) * K, K, kMmaRows, K);
+  wait_for_previous_grid();
   few_rows::rows_pass<kNT>(x, weight + static_cast<int64_t>(n0) * K, residual, y, red, 0, T, N, K, n0);
 }
 
@@ -58,10 +63,10 @@ at::Tensor small_linear_cuda(const at::Tensor& x, const at::Tensor& weight, cons
   auto y = at::empty({T, N}, x.options());
   const auto* res = residual.has_value() ? reinterpret_cast<const bf16*>(residual->data_ptr()) : nullptr;
   auto launch = [&](auto kernel) {
-    kernel<<<static_cast<unsigned>(N / kMmaRows), kMmaWarps * 32, 0, at::cuda::getCurrentCUDAStream()>>>(
-        reinterpret_cast<const bf16*>(x.data_ptr()), reinterpret_cast<const bf16*>(weight.data_ptr()), res,
-        reinterpret_cast<bf16*>(y.data_ptr()), static_cast<int>(T), static_cast<int>(K), static_cast<int>(N));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_dependent(kernel, dim3(static_cast<unsigned>(N / kMmaRows)), dim3(kMmaWarps * 32), 0,
+                     at::cuda::getCurrentCUDAStream(), reinterpret_cast<const bf16*>(x.data_ptr()),
+                     reinterpret_cast<const bf16*>(weight.data_ptr()), res, reinterpret_cast<bf16*>(y.data_ptr()),
+                     static_cast<int>(T), static_cast<int>(K), static_cast<int>(N));
   };
   if (T <= 8) launch(small_linear_kernel<1>);
   else if (T <= 16) launch(small_linear_kernel<2>);

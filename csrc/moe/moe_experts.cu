@@ -31,6 +31,7 @@
 
 #include "../common/check.h"
 #include "../common/few_rows.h"
+#include "../common/pdl.h"
 #include "sm90_grouped_gemm.h"
 
 namespace ringkern {
@@ -124,6 +125,8 @@ __global__ void combine_kernel(const bf16* __restrict__ rows, const float* __res
   const int64_t t = blockIdx.x;
   extern __shared__ int32_t pos_sh[];  // [k]
   float* w_sh = reinterpret_cast<float*>(pos_sh + k);
+  allow_next_grid();
+  wait_for_previous_grid();
   for (int j = threadIdx.x; j < k; j += blockDim.x) {
     pos_sh[j] = slot_pos[t * k + j];
     w_sh[j] = weights ? weights[t * k + j] : 1.f;
@@ -295,6 +298,8 @@ small_gate_up_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ sor
                      int k, int T, int H, int I, SharedExpert shared) {
   __shared__ float red[(kMmaWarps - 1) * 2 * kMaxNT * 4 * 32];
   const int j0 = blockIdx.x * kMmaRows;
+  allow_next_grid();
+  wait_for_previous_grid();  // the dispatch and x come from the previous kernels
   if (shared.gate && blockIdx.y == gridDim.y - 1) {
     if (j0 >= shared.I) return;
     for_each_pass<kMaxNT>(0, T, [&](auto n_tiles, int r0) {
@@ -322,6 +327,8 @@ small_down_kernel(const bf16* __restrict__ act, const int32_t* __restrict__ offs
                   int E, int T, int H, int I, SharedExpert shared) {
   __shared__ float red[(kMmaWarps - 1) * kMaxNT * 4 * 32];
   const int h0 = blockIdx.x * kMmaRows;
+  allow_next_grid();
+  wait_for_previous_grid();
   if (shared.down && blockIdx.y == gridDim.y - 1) {
     for_each_pass<kMaxNT>(0, T, [&](auto n_tiles, int r0) {
       rows_pass<decltype(n_tiles)::value>(shared.act, shared.down + static_cast<int64_t>(h0) * shared.I, nullptr,
@@ -361,17 +368,17 @@ void run_small_kernels(const at::Tensor& x, const Dispatch& d, const at::Tensor&
   const unsigned rows = static_cast<unsigned>(std::min(T * k, E) + (shared.gate ? 1 : 0));
   const unsigned gate_up_tiles = static_cast<unsigned>(std::max<int64_t>(I, shared.I) / kMmaRows);
   auto launch = [&](auto gate_up_kernel, auto down_kernel) {
-    gate_up_kernel<<<dim3(gate_up_tiles, rows), block, 0, stream>>>(
-        reinterpret_cast<const bf16*>(x.data_ptr()), d.sorted_slot.data_ptr<int32_t>(), d.offsets.data_ptr<int32_t>(),
-        d.active.data_ptr<int32_t>(), reinterpret_cast<const bf16*>(gate_up_proj.data_ptr()), gate_up_out,
-        reinterpret_cast<bf16*>(act.data_ptr()), static_cast<int>(E), static_cast<int>(k), static_cast<int>(T),
-        static_cast<int>(H), static_cast<int>(I), shared);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    down_kernel<<<dim3(H / kMmaRows, rows), block, 0, stream>>>(
-        reinterpret_cast<const bf16*>(act.data_ptr()), d.offsets.data_ptr<int32_t>(), d.active.data_ptr<int32_t>(),
-        reinterpret_cast<const bf16*>(down_proj.data_ptr()), reinterpret_cast<bf16*>(y_sorted.data_ptr()),
-        static_cast<int>(E), static_cast<int>(T), static_cast<int>(H), static_cast<int>(I), shared);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_dependent(gate_up_kernel, dim3(gate_up_tiles, rows), block, 0, stream,
+                     reinterpret_cast<const bf16*>(x.data_ptr()), d.sorted_slot.data_ptr<int32_t>(),
+                     d.offsets.data_ptr<int32_t>(), d.active.data_ptr<int32_t>(),
+                     reinterpret_cast<const bf16*>(gate_up_proj.data_ptr()), gate_up_out,
+                     reinterpret_cast<bf16*>(act.data_ptr()), static_cast<int>(E), static_cast<int>(k),
+                     static_cast<int>(T), static_cast<int>(H), static_cast<int>(I), shared);
+    launch_dependent(down_kernel, dim3(static_cast<unsigned>(H / kMmaRows), rows), block, 0, stream,
+                     reinterpret_cast<const bf16*>(act.data_ptr()), d.offsets.data_ptr<int32_t>(),
+                     d.active.data_ptr<int32_t>(), reinterpret_cast<const bf16*>(down_proj.data_ptr()),
+                     reinterpret_cast<bf16*>(y_sorted.data_ptr()), static_cast<int>(E), static_cast<int>(T),
+                     static_cast<int>(H), static_cast<int>(I), shared);
   };
   if (T <= 8) launch(small_gate_up_kernel<1>, small_down_kernel<1>);
   else if (T <= 16) launch(small_gate_up_kernel<2>, small_down_kernel<2>);
@@ -444,10 +451,10 @@ at::Tensor combine(const at::Tensor& rows, const float* weights, const at::Tenso
   // Few tokens (decode): split each token's columns over blocks so the gathers run in parallel.
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t column_blocks = T < sms ? (H + kRowThreads * kVec - 1) / (kRowThreads * kVec) : 1;
-  combine_kernel<<<dim3(T, column_blocks), kRowThreads, smem, stream>>>(
-      reinterpret_cast<const bf16*>(rows.data_ptr()), weights, slot_pos.data_ptr<int32_t>(), extra,
-      reinterpret_cast<bf16*>(y.data_ptr()), k, H, sorted_values, slot_values_out);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  launch_dependent(combine_kernel, dim3(static_cast<unsigned>(T), static_cast<unsigned>(column_blocks)),
+                   dim3(kRowThreads), smem, stream, reinterpret_cast<const bf16*>(rows.data_ptr()), weights,
+                   slot_pos.data_ptr<int32_t>(), extra, reinterpret_cast<bf16*>(y.data_ptr()), static_cast<int>(k),
+                   static_cast<int>(H), sorted_values, slot_values_out);
   return y;
 }
 

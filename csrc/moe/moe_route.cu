@@ -15,6 +15,7 @@
 
 #include "../common/blas.h"
 #include "../common/check.h"
+#include "../common/pdl.h"
 
 namespace ringkern {
 namespace {
@@ -221,6 +222,12 @@ router_route_kernel(const in_t* __restrict__ x, const in_t* __restrict__ weight,
   constexpr int kStride = kSplitH * 32 * kVec;  // columns between one lane's consecutive chunks
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int e = blockIdx.x * kRouteExperts + warp / kSplitH;
+  allow_next_grid();
+  const int first = blockIdx.x * kRouteExperts;  // this block's weight rows: prefetched before the wait
+  if (first < a.E) {
+    prefetch_l2(weight + static_cast<int64_t>(first) * H, int64_t{min(a.E - first, kRouteExperts)} * H * sizeof(in_t));
+  }
+  wait_for_previous_grid();  // a programmatic dependent launch: x comes from the previous kernel
   float acc[kFusedRouteTokens] = {};
   if (e < a.E) {
     const in_t* w = weight + static_cast<int64_t>(e) * H;
@@ -424,6 +431,8 @@ __global__ void __launch_bounds__(kOffsetThreads)
 dispatch_one_block_kernel(const id_t* __restrict__ ids, int32_t* __restrict__ counts, int32_t* __restrict__ offsets,
                           int32_t* __restrict__ active, int32_t* __restrict__ sorted_slot,
                           int32_t* __restrict__ slot_pos, int S, int E) {
+  allow_next_grid();
+  wait_for_previous_grid();  // a programmatic dependent launch: the ids come from the previous kernel
   using Scan = cub::BlockScan<int, kOffsetThreads>;
   __shared__ typename Scan::TempStorage tmp;
   __shared__ int next[kOffsetThreads];  // per expert: its count, then its next free position
@@ -614,11 +623,11 @@ Dispatch dispatch_slots(const at::Tensor& expert_ids, int64_t num_experts) {
   auto stream = at::cuda::getCurrentCUDAStream();
   if (chunks == 1) {
     dispatch_id_type(expert_ids, [&](auto ids) {
-      dispatch_one_block_kernel<<<1, kOffsetThreads, 0, stream>>>(
-          ids, counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(), active.data_ptr<int32_t>(),
-          sorted_slot.data_ptr<int32_t>(), slot_pos.data_ptr<int32_t>(), static_cast<int>(S), E);
+      launch_dependent(dispatch_one_block_kernel<std::remove_const_t<std::remove_pointer_t<decltype(ids)>>>, dim3(1),
+                       dim3(kOffsetThreads), 0, stream, ids, counts.data_ptr<int32_t>(), offsets.data_ptr<int32_t>(),
+                       active.data_ptr<int32_t>(), sorted_slot.data_ptr<int32_t>(), slot_pos.data_ptr<int32_t>(),
+                       static_cast<int>(S), E);
     });
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     return {counts, offsets, sorted_slot, slot_pos, active};
   }
   auto chunk_base = at::empty({static_cast<int64_t>(E) * chunks}, opts);
@@ -719,14 +728,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router_route_cuda(
   with_lanes(E, [&](auto per_lane) {
     auto launch = [&](auto tag) {
       using in_t = decltype(tag);
-      router_route_kernel<per_lane.value, in_t><<<blocks, kRouteWarps * 32, smem, stream>>>(
-          x.data_ptr<in_t>(), weight.data_ptr<in_t>(), logits.data_ptr<float>(), args, counts.data_ptr<int32_t>(),
-          reinterpret_cast<unsigned*>(ticket.data_ptr<int32_t>()), static_cast<int>(T), static_cast<int>(H));
+      launch_dependent(router_route_kernel<per_lane.value, in_t>, dim3(static_cast<unsigned>(blocks)),
+                       dim3(kRouteWarps * 32), smem, stream, x.data_ptr<in_t>(), weight.data_ptr<in_t>(),
+                       logits.data_ptr<float>(), args, counts.data_ptr<int32_t>(),
+                       reinterpret_cast<unsigned*>(ticket.data_ptr<int32_t>()), static_cast<int>(T),
+                       static_cast<int>(H));
     };
     if (x.scalar_type() == at::kBFloat16) launch(c10::BFloat16{});
     else launch(float{});
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
   return {weights, ids_out, counts};
 }
 

@@ -7,6 +7,7 @@
 #include <torch/library.h>
 
 #include "../common/check.h"
+#include "../common/pdl.h"
 
 namespace ringkern {
 namespace {
@@ -91,6 +92,8 @@ __global__ void rms_norm_fwd_kernel(const T* __restrict__ x, const W* __restrict
                                     int64_t rows, int64_t cols, int64_t y_stride, float eps) {
   using L = RowLayout<kWarpRows>;
   __shared__ float scratch[kThreads / 32];
+  allow_next_grid();
+  wait_for_previous_grid();  // a programmatic dependent launch: x comes from the previous kernel
   const int64_t row = static_cast<int64_t>(blockIdx.x) * L::kRowsPerBlock + L::slot();
   if (row >= rows) return;  // whole warps only (kWarpRows), or the whole block: no barrier is skipped
   const T* xr = x + row * cols;
@@ -231,11 +234,10 @@ void rms_norm_forward_out(const at::Tensor& x, const at::Tensor& weight, at::Ten
     using w_t = decltype(w_tag);
     using L = RowLayout<warp_rows.value>;
     const int64_t blocks = (rows + L::kRowsPerBlock - 1) / L::kRowsPerBlock;
-    rms_norm_fwd_kernel<x_t, w_t, n.value, warp_rows.value><<<blocks, kThreads, 0, stream>>>(
-        x.data_ptr<x_t>(), weight.data_ptr<w_t>(), y.data_ptr<x_t>(), rows, cols, y.stride(0),
-        static_cast<float>(eps));
+    launch_dependent(rms_norm_fwd_kernel<x_t, w_t, n.value, warp_rows.value>, dim3(static_cast<unsigned>(blocks)),
+                     dim3(kThreads), 0, stream, x.data_ptr<x_t>(), weight.data_ptr<w_t>(), y.data_ptr<x_t>(), rows,
+                     cols, y.stride(0), static_cast<float>(eps));
   });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor> rms_norm_backward_strided(const at::Tensor& grad_out, const at::Tensor& x,

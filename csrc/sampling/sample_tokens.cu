@@ -4,8 +4,9 @@
 //   temperature 0 (greedy): token = argmax_v z_v, logprob = z_token - lse(z);
 //   temperature T > 0: s = z * (1 / T), token = argmax_v (s_v + g_v), logprob = s_token - lse(s), with g the
 //     Gumbel noise of ringkern.engine.gumbel_noise for (noise_keys[b], steps[b]) bit for bit: on the low 32 bits
-//     of key and step, row = hash32(key ^ hash32(step)), bits = hash32(row ^ hash32(v)) >> 8,
-//     u = (bits + 0.5f) / 2^24 in fp32, g = -logf(-logf(u)) (logf as ATen's CUDA log: no fast math).
+//     of key and step, row = hash32(key ^ hash32(step)), bits = hash32(row ^ hash32(v)) >> 9,
+//     u = (bits + 0.5f) / 2^23 in fp32 (in (0, 1): 23 bits keep bits + 0.5 exact), g = -logf(-logf(u)) (logf as
+//     ATen's CUDA log: no fast math).
 // lse(x) = m + log(sum_v exp(x_v - m)), m = max x. The argmax is torch.argmax's: the lowest index among equal
 // maxima, and a NaN beats every number.
 //
@@ -16,7 +17,8 @@
 //   mathematically the same, but fp32 rounding of logp + g and s + g can order two keys within a few ulp of
 //   each other differently, so a draw may differ from the PyTorch path on such fp32 near-ties only.
 // - lse sums in another order than torch's logsumexp: log-probs agree to ~1e-6 relative.
-// - The engine's u is 1 for bits = 2^24 - 1 (bits + 0.5 rounds to 2^24 in fp32), so g = +inf there; kept as is.
+// - A row holding a NaN or +inf logit has a NaN lse, so the engine's noisy keys are all NaN and it draws token 0,
+//   where here the NaN's or +inf's index wins; greedy draws agree (torch.argmax); the log-prob is NaN either way.
 //
 // Two launches, no host sync and no atomics, so a CUDA graph can capture them and every run is bitwise the same:
 //   partial: grid (splits, B), 256 threads; block (j, b) reduces chunk j of row b to (max s, sum exp(s - max),
@@ -65,10 +67,10 @@ __device__ __forceinline__ uint32_t hash32(uint32_t x) {
 }
 
 // engine.gumbel_noise of vocabulary index v in the row hashed to `row`. Rounded steps as in ATen's kernels:
-// bits + 0.5 in fp32, times 2^-24 (exact, as ATen's division by a scalar power of two), then two logf.
+// bits + 0.5 in fp32, times 2^-23 (exact, as ATen's division by a scalar power of two), then two logf.
 __device__ __forceinline__ float gumbel(uint32_t row, uint32_t v) {
-  const uint32_t bits = hash32(row ^ hash32(v)) >> 8;
-  const float u = __fmul_rn(__fadd_rn(static_cast<float>(bits), 0.5f), 0x1p-24f);
+  const uint32_t bits = hash32(row ^ hash32(v)) >> 9;
+  const float u = __fmul_rn(__fadd_rn(static_cast<float>(bits), 0.5f), 0x1p-23f);
   return -logf(-logf(u));
 }
 

@@ -66,10 +66,11 @@ _register_mtp_input()
 
 
 def _register_decode() -> None:
-    from .inference import decode_attention_reference, small_linear_reference
+    from .inference import decode_attention_reference, sample_tokens_reference, small_linear_reference
 
     torch.library.register_kernel("ringkern::decode_attention", "cpu", decode_attention_reference)
     torch.library.register_kernel("ringkern::small_linear", "cpu", small_linear_reference)
+    torch.library.register_kernel("ringkern::sample_tokens", "cpu", sample_tokens_reference)
 
     @torch.library.register_fake("ringkern::decode_attention")
     def _(q, k_cache, v_cache, positions):
@@ -78,6 +79,11 @@ def _register_decode() -> None:
     @torch.library.register_fake("ringkern::small_linear")
     def _(x, weight, residual):
         return x.new_empty(x.shape[0], weight.shape[0])
+
+    @torch.library.register_fake("ringkern::sample_tokens")
+    def _(logits, noise_keys, steps, temperature):
+        B = logits.shape[0]
+        return logits.new_empty(B, dtype=torch.long), logits.new_empty(B, dtype=torch.float32)
 
 
 _register_decode()

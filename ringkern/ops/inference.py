@@ -18,6 +18,8 @@ on CUDA. The functions here compute the rest without a sync:
   weight-streaming launch each (``csrc/linear/small_linear.cu``).
 - ``qkv_norm_rope``: the fused QKV projection split into heads, q/k norms, RoPE and the decode step's
   cache write in one kernel (``csrc/attention/qkv_norm_rope.cu``).
+- ``sample_tokens_reference``: the contract (and CPU kernel) of the decode step's fused token draw,
+  ``torch.ops.ringkern.sample_tokens`` (``csrc/sampling/sample_tokens.cu``).
 - ``cached_attention``: queries attend to a cache row's keys at positions <= their own (the mask from
   ``cache_attention_mask``, made once per decode step for all layers).
 
@@ -147,6 +149,28 @@ def small_linear_reference(x: torch.Tensor, weight: torch.Tensor, residual: torc
     return (y if residual is None else y + residual.float()).to(x.dtype)
 
 
+def sample_tokens_reference(logits: torch.Tensor, noise_keys: torch.Tensor, steps: torch.Tensor,
+                            temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The contract of ``torch.ops.ringkern.sample_tokens`` (its CPU kernel): one token per row, as
+    ``ringkern.engine.sample`` draws it without filters. Returns (tokens [B] int64, fp32 log-probs [B]).
+
+    logits: [B, V] bf16 or fp32 (computed in fp32); noise_keys, steps: [B] int64, keys in [0, 2**32).
+    temperature 0: greedy (argmax, log-probs under the untempered distribution); otherwise the Gumbel-max draw
+    of ``engine.gumbel_noise`` for (key, step) over logp = logits / temperature - logsumexp, and its logp.
+    """
+    from ..engine import gumbel_noise, hash32, logsumexp  # here: the engine imports the model, which imports us
+
+    z = logits.float()
+    if temperature == 0:
+        tokens = z.argmax(-1)
+        return tokens, z.gather(1, tokens.unsqueeze(1)).squeeze(1) - logsumexp(z)
+    scaled = z / temperature
+    logp = scaled - logsumexp(scaled).unsqueeze(-1)
+    vocab_hash = hash32(torch.arange(z.shape[-1], dtype=torch.long, device=z.device))
+    tokens = (logp + gumbel_noise(noise_keys, steps, vocab_hash)).argmax(-1)
+    return tokens, logp.gather(1, tokens.unsqueeze(1)).squeeze(1)
+
+
 def cache_attention_mask(positions: torch.Tensor, cache_len: int, groups: int) -> torch.Tensor:
     """Mask of :func:`cached_attention`: [B, 1, G T, S] bool, True where key s <= positions[b, t].
 
@@ -225,4 +249,4 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 __all__ = ["cache_attention_mask", "cached_attention", "decode_attention_reference", "decode_kernel_applies",
            "decode_kernel_supported",
            "linear", "moe_block", "moe_block_inference_reference", "moe_experts", "moe_experts_gathered",
-           "qkv_norm_rope", "router_route", "small_linear_reference"]
+           "qkv_norm_rope", "router_route", "sample_tokens_reference", "small_linear_reference"]

@@ -1,0 +1,71 @@
+// Programmatic dependent launch (sm_90) for the decode step's kernels. A decode step is a chain of short
+// kernels, each waiting for the previous one; between two of them the GPU idles for the launch gap, the
+// new kernel's ramp-up and the first loads' latency. A kernel launched with launch_dependent() may start while
+// the previous kernel in the stream drains: it first does what does not depend on that kernel (prefetching its
+// weights into L2) and then calls wait_for_previous_grid() before it reads anything that kernel wrote.
+//
+// Each such kernel starts with allow_next_grid(), so that the next kernel, once every block of this one runs,
+// may be scheduled beside it.
+//
+// Rules for a kernel launched this way: every block calls wait_for_previous_grid() before it reads the previous
+// kernel's outputs and before it exits (so a kernel's completion still implies its predecessors'), and it
+// writes nothing before that call. RINGKERN_PDL=1 turns it on (off by default until measured on a GPU; the
+// device instructions are no-ops for a normal launch).
+#pragma once
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <utility>
+
+#include <c10/cuda/CUDAException.h>
+
+namespace ringkern {
+
+__device__ __forceinline__ void allow_next_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_for_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Pulls bytes [0, n) of p into L2 (no registers, no wait), spread over the block's threads in 128-byte lines.
+__device__ __forceinline__ void prefetch_l2(const void* p, int64_t n) {
+  const char* base = static_cast<const char*>(p);
+  for (int64_t off = static_cast<int64_t>(threadIdx.x) * 128; off < n; off += static_cast<int64_t>(blockDim.x) * 128) {
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(base + off));
+  }
+}
+
+inline bool pdl_enabled() {
+  static const bool on = [] {
+    const char* env = std::getenv("RINGKERN_PDL");
+    return env && std::strcmp(env, "1") == 0;
+  }();
+  return on;
+}
+
+// kernel<<<grid, block, smem, stream>>>(args...) as a programmatic dependent launch (when pdl_enabled()).
+template <typename... Params, typename... Args>
+void launch_dependent(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                      Args&&... args) {
+  cudaLaunchAttribute attr{};
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = pdl_enabled() ? 1 : 0;
+  cudaLaunchConfig_t config{};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  config.attrs = &attr;
+  config.numAttrs = 1;
+  C10_CUDA_CHECK(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...));
+}
+
+}  // namespace ringkern
