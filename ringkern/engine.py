@@ -696,7 +696,8 @@ def sample(logits: torch.Tensor, params: SamplingParams, noise_keys: torch.Tenso
     never forms the [B, V] log-softmax).
     """
     if not _filters(params, logits.shape[-1]):
-        return torch.ops.ringkern.sample_tokens(logits.contiguous(), noise_keys, steps, float(params.temperature))
+        return torch.ops.ringkern.sample_tokens(logits.contiguous(), noise_keys.contiguous(), steps.contiguous(),
+                                                float(params.temperature))
     logp = filtered_logprobs(logits.float(), params)  # [B, V], -inf = dropped
     tokens = (logp + gumbel_noise(noise_keys, steps, vocab_hash)).argmax(-1)
     return tokens, logp.gather(1, tokens.unsqueeze(1)).squeeze(1)

@@ -55,11 +55,29 @@ __device__ __forceinline__ void mma_chunks(const bf16* const (&w)[kA], int64_t l
 }
 
 // mma_chunks over k in [k_begin, k_end) (a multiple of 32 long), kMmaUnroll chunks at a time.
+// Pulls into L2 the weight lines that mma_chunks<kMmaUnroll> from k0 will load (kA x 16 rows x 32 kMmaUnroll k;
+// k0 a multiple of 64, so whole 128-byte lines), spread over the warp's lanes: issued one group of chunks
+// ahead, so a warp's next loads find their lines in L2 instead of waiting a DRAM round trip after its MMAs.
+template <int kA>
+__device__ __forceinline__ void prefetch_chunks(const bf16* const (&w)[kA], int64_t ldw, int k0) {
+  constexpr int kLinesPerRow = 32 * kMmaUnroll * sizeof(bf16) / 128;
+  constexpr int kLines = kA * 16 * kLinesPerRow;
+#pragma unroll
+  for (int i = threadIdx.x % 32; i < kLines; i += 32) {
+    const int a = i / (16 * kLinesPerRow), row = (i / kLinesPerRow) % 16, line = i % kLinesPerRow;
+    asm volatile("prefetch.global.L2 [%0];" ::"l"(w[a] + row * ldw + k0 + line * (128 / sizeof(bf16))));
+  }
+}
+
 template <int kA, int kNT>
 __device__ __forceinline__ void stream_mma(const bf16* const (&w)[kA], int64_t ldw, const bf16* const (&rows)[kNT],
                                            int k_begin, int k_end, float (&acc)[kA][kNT][4]) {
+  constexpr int kGroup = 32 * kMmaUnroll;
   int k0 = k_begin;
-  for (; k0 + 32 * kMmaUnroll <= k_end; k0 += 32 * kMmaUnroll) mma_chunks<kMmaUnroll>(w, ldw, rows, k0, acc);
+  for (; k0 + kGroup <= k_end; k0 += kGroup) {
+    if (k0 + 2 * kGroup <= k_end && (k0 + kGroup) % 64 == 0) prefetch_chunks<kA>(w, ldw, k0 + kGroup);
+    mma_chunks<kMmaUnroll>(w, ldw, rows, k0, acc);
+  }
   for (; k0 < k_end; k0 += 32) mma_chunks<1>(w, ldw, rows, k0, acc);
 }
 

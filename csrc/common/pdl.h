@@ -9,8 +9,7 @@
 //
 // Rules for a kernel launched this way: every block calls wait_for_previous_grid() before it reads the previous
 // kernel's outputs and before it exits (so a kernel's completion still implies its predecessors'), and it
-// writes nothing before that call. RINGKERN_PDL=1 turns it on (off by default until measured on a GPU; the
-// device instructions are no-ops for a normal launch).
+// writes nothing before that call. RINGKERN_PDL=0 launches normally (the device instructions are then no-ops).
 #pragma once
 #include <cuda_runtime.h>
 
@@ -46,7 +45,7 @@ __device__ __forceinline__ void prefetch_l2(const void* p, int64_t n) {
 inline bool pdl_enabled() {
   static const bool on = [] {
     const char* env = std::getenv("RINGKERN_PDL");
-    return env && std::strcmp(env, "1") == 0;
+    return !(env && std::strcmp(env, "0") == 0);
   }();
   return on;
 }
