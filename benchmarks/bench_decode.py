@@ -107,15 +107,13 @@ def kernels_per_step(engine: Engine) -> tuple[int, float, list[tuple[str, int, f
 def plain_pytorch_moe():
     """Make the cached path use the reference router, per-expert loop and separate shared MLP (host syncs, as
     HF decodes)."""
-    saved = ops.moe_route, inference.moe_experts, inference.moe_block, inference.router_route
+    saved = ops.moe_route, inference.moe_experts, inference.moe_block
     ops.moe_route, inference.moe_experts = reference.moe_route, reference.moe_experts
     inference.moe_block = inference.moe_block_inference_reference
-    inference.router_route = lambda x, weight, bias, **route: reference.moe_route(x.float() @ weight.float().t(), bias,
-                                                                                  **route)
     try:
         yield
     finally:
-        ops.moe_route, inference.moe_experts, inference.moe_block, inference.router_route = saved
+        ops.moe_route, inference.moe_experts, inference.moe_block = saved
 
 
 def logprob_gap(engine: Engine, models: dict[str, RingFlashModel], prompts: list[list[int]],

@@ -37,10 +37,6 @@ TORCH_LIBRARY(ringkern, m) {
   // scale: (weights [T, k] fp32, expert_ids [T, k] int32, tokens_per_expert [E] int32); replay with expert_ids.
   m.def("moe_route(Tensor router_logits, Tensor expert_bias, int n_group, int topk_group, int top_k, "
         "float routed_scaling_factor, bool renormalize, Tensor? expert_ids) -> (Tensor, Tensor, Tensor)");
-  // Inference only (no autograd, no replay): moe_route(router_logits(x, weight), ...) with x [T, H] and the
-  // router weight [E, H]; decode-sized T in one launch on CUDA.
-  m.def("moe_router_route(Tensor x, Tensor weight, Tensor expert_bias, int n_group, int topk_group, int top_k, "
-        "float routed_scaling_factor, bool renormalize) -> (Tensor, Tensor, Tensor)");
   // Gradient of moe_route's weights w.r.t. router_logits: [T, E] fp32.
   m.def("moe_route_backward(Tensor grad_weights, Tensor router_logits, Tensor expert_ids, "
         "float routed_scaling_factor, bool renormalize) -> Tensor");
@@ -76,9 +72,6 @@ TORCH_LIBRARY(ringkern, m) {
   // of cache rows 0..B-1. Inference only (no autograd).
   m.def("qkv_norm_rope(Tensor qkv, Tensor? q_weight, Tensor? k_weight, Tensor cos, Tensor sin, int n_heads, "
         "int n_kv, float eps, Tensor(a!)? k_cache, Tensor(b!)? v_cache, Tensor? positions) -> (Tensor, Tensor, Tensor)");
-  // y = x [T, K] @ weight [N, K]^T (+ residual [T, N]) for decode-sized T (bf16; fp32 accumulation, the residual
-  // added before the one rounding).
-  m.def("small_linear(Tensor x, Tensor weight, Tensor? residual) -> Tensor");
   // One token per row of logits [B, V] (bf16/fp32) and its fp32 log-prob: greedy at temperature 0, else the
   // Gumbel-max draw of ringkern.engine.gumbel_noise for (noise_keys, steps) [B] int64 -> (tokens int64, logprobs).
   m.def("sample_tokens(Tensor logits, Tensor noise_keys, Tensor steps, float temperature) -> (Tensor, Tensor)");

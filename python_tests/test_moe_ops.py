@@ -353,61 +353,6 @@ def test_cuda_experts_ring_shapes_forward(T, experts_path):
     assert _rel_err(got, exact) <= 2 * _rel_err(eager, exact) + 1e-5
 
 
-def _exact_router_inputs(T, E, H, dtype, device="cpu"):
-    """x, weight with values in {-1, 0, 1} / 8: every logit is exact in fp32 whatever the summation order, so
-    the fused router must pick exactly the experts of router_logits + moe_route (discrete values: ties too)."""
-    x = (torch.randint(-1, 2, (T, H), device=device) / 8).to(dtype)
-    weight = (torch.randint(-1, 2, (E, H), device=device) / 8).to(dtype)
-    return x, weight
-
-
-@requires_cuda
-@pytest.mark.parametrize("E", [16, 256])
-@pytest.mark.parametrize("T", [0, 1, 3, 16, 17])  # 17: above the fused kernel's tokens, the two ops
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_cuda_router_route_equals_router_logits_then_route(E, T, dtype):
-    cfg = _route_config(E)
-    x, weight = _exact_router_inputs(T, E, 512, dtype, "cuda")
-    bias = torch.randn(E, device="cuda") * 0.01
-    got = inference.router_route(x, weight, bias, renormalize=True, **cfg)
-    want = ops.moe_route(ops.router_logits(x, weight), bias, renormalize=True, **cfg)
-    for a, b in zip(got, want):
-        assert a.dtype == b.dtype and torch.equal(a, b)
-
-
-@requires_cuda
-def test_cuda_router_route_graph_replays():
-    E, T, H = 256, 4, 4096
-    x, weight = _exact_router_inputs(T, E, H, torch.bfloat16, "cuda")
-    bias = torch.randn(E, device="cuda") * 0.01
-
-    def step():
-        return inference.router_route(x, weight, bias, renormalize=True, **RING)
-
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        static_out = step()
-    for _ in range(3):  # the last block resets its ticket: every replay routes again
-        x.copy_(_exact_router_inputs(T, E, H, torch.bfloat16, "cuda")[0])
-        graph.replay()
-        for a, b in zip(static_out, ops.moe_route(ops.router_logits(x, weight), bias, renormalize=True, **RING)):
-            assert torch.equal(a, b)
-
-
-def test_router_route_cpu_equals_router_logits_then_route():
-    x, weight = torch.randn(5, 32), torch.randn(16, 32)
-    bias = torch.randn(16) * 0.01
-    got = inference.router_route(x, weight, bias, renormalize=True, **SMALL)
-    want = ops.moe_route(ops.router_logits(x, weight), bias, renormalize=True, **SMALL)
-    for a, b in zip(got, want):
-        assert torch.equal(a, b)
-
-
 def _shared_expert(H, Is, dtype, device):
     return [(torch.randn(*shape, device=device) * 0.05).to(dtype) for shape in ((Is, H), (Is, H), (H, Is))]
 

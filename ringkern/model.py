@@ -172,18 +172,16 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None,
-                token_mask: torch.Tensor | None = None, sync_free: bool = False):
+                token_mask: torch.Tensor | None = None):
         """x [N, H] -> (weights [N, k] fp32, expert_ids [N, k] int32, tokens_per_expert [E] int32).
         token_mask [N] bool: only those tokens count in tokens_per_expert (padding routes, but is not load).
-        No host sync on CUDA (one fused kernel), so the cached decode step can be captured; with ``sync_free``
-        (cached inference: no replay, no mask) the router GEMM joins that kernel at decode sizes."""
-        cfg = self.cfg
-        route = dict(n_group=cfg.n_group, topk_group=cfg.topk_group, top_k=cfg.num_experts_per_tok,
-                     routed_scaling_factor=cfg.routed_scaling_factor, renormalize=cfg.norm_topk_prob)
-        if sync_free and expert_ids is None and token_mask is None:
-            return inference_ops.router_route(x, self.weight, self.expert_bias, **route)
+        No host sync on CUDA (one fused kernel), so the cached decode step can be captured."""
         logits = ops.router_logits(x, self.weight)  # [N, E] fp32
-        weights, ids, counts = ops.moe_route(logits, self.expert_bias, expert_ids=expert_ids, **route)
+        cfg = self.cfg
+        weights, ids, counts = ops.moe_route(
+            logits, self.expert_bias, n_group=cfg.n_group, topk_group=cfg.topk_group,
+            top_k=cfg.num_experts_per_tok, routed_scaling_factor=cfg.routed_scaling_factor,
+            renormalize=cfg.norm_topk_prob, expert_ids=expert_ids)
         if token_mask is not None:  # a scatter, not a boolean index: no host sync
             counted = token_mask.reshape(-1, 1).expand(ids.shape).reshape(-1).to(counts.dtype)
             counts = torch.zeros_like(counts).scatter_add_(0, ids.reshape(-1).long(), counted)
@@ -245,7 +243,7 @@ class MoEBlock(nn.Module):
         flat = x.reshape(B * T, H)
         replay = None if expert_ids is None else expert_ids.reshape(B * T, -1)
         if sync_free and self.shared_experts is not None:  # cached inference: the experts add the shared one
-            weights, ids, counts = self.gate(flat, replay, token_mask, sync_free)
+            weights, ids, counts = self.gate(flat, replay, token_mask)
             y = self.experts(flat, weights, ids, sync_free, shared=self.shared_experts)
             return y.view(B, T, H), Routing(ids.view(B, T, -1), counts)
         side = side_stream(flat) if self.shared_experts is not None else None
@@ -253,7 +251,7 @@ class MoEBlock(nn.Module):
             side.wait_stream(torch.cuda.current_stream(flat.device))
             with torch.cuda.stream(side):
                 shared = self.shared_experts(flat)
-        weights, ids, counts = self.gate(flat, replay, token_mask, sync_free)
+        weights, ids, counts = self.gate(flat, replay, token_mask)
         y = self.experts(flat, weights, ids, sync_free)
         if side is not None:  # join
             torch.cuda.current_stream(flat.device).wait_stream(side)

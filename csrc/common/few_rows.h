@@ -1,5 +1,5 @@
-// Weight-streaming tensor-core building blocks of the decode-sized GEMMs (the few-rows MoE kernels in
-// csrc/moe/moe_experts.cu, small_linear in csrc/linear/small_linear.cu). A block of kMmaWarps warps computes
+// Weight-streaming tensor-core building blocks of the decode-sized GEMMs (the few-rows MoE kernels of
+// csrc/moe/moe_experts.cu). A block of kMmaWarps warps computes
 // kMmaRows = 16 output columns (16 weight rows, the mma's M) for up to 8 kNT activation rows (its N), the warps
 // splitting K and adding their partial sums through shared memory in warp order (deterministic). Weights are
 // read once with 16-byte streaming loads (kMmaUnroll 32-wide k chunks ahead); inside every 32-wide chunk both
@@ -115,18 +115,6 @@ __device__ __forceinline__ void for_each_pass(int begin, int end, Pass&& pass) {
       pass(std::integral_constant<int, 1>{}, r0);
       r0 += 8;
     }
-  }
-}
-
-// Pulls into L2 the first kMmaUnroll 32-wide k chunks of every warp's K range of `rows` weight rows (row
-// stride ldw, K columns): what the block's first loads will ask for (see csrc/common/pdl.h).
-__device__ __forceinline__ void prefetch_first_chunks(const bf16* w, int64_t ldw, int rows, int K) {
-  constexpr int kLines = 32 * kMmaUnroll * sizeof(bf16) / 128;  // 128-byte lines per row and warp
-  const int kw = K / kMmaWarps;
-  for (int i = threadIdx.x; i < rows * kMmaWarps * kLines; i += blockDim.x) {
-    const int line = i % kLines, warp = (i / kLines) % kMmaWarps, row = i / (kLines * kMmaWarps);
-    const bf16* p = w + row * ldw + warp * kw + line * (128 / sizeof(bf16));
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
   }
 }
 

@@ -1,8 +1,8 @@
 // Programmatic dependent launch (sm_90) for the decode step's kernels. A decode step is a chain of short
 // kernels, each waiting for the previous one; between two of them the GPU idles for the launch gap, the
 // new kernel's ramp-up and the first loads' latency. A kernel launched with launch_dependent() may start while
-// the previous kernel in the stream drains: it first does what does not depend on that kernel (prefetching its
-// weights into L2) and then calls wait_for_previous_grid() before it reads anything that kernel wrote.
+// the previous kernel in the stream drains (its blocks get scheduled, its launch latency is hidden) and calls
+// wait_for_previous_grid() before it reads anything that kernel wrote.
 //
 // Each such kernel starts with allow_next_grid(), so that the next kernel, once every block of this one runs,
 // may be scheduled beside it.
@@ -32,14 +32,6 @@ __device__ __forceinline__ void wait_for_previous_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
-}
-
-// Pulls bytes [0, n) of p into L2 (no registers, no wait), spread over the block's threads in 128-byte lines.
-__device__ __forceinline__ void prefetch_l2(const void* p, int64_t n) {
-  const char* base = static_cast<const char*>(p);
-  for (int64_t off = static_cast<int64_t>(threadIdx.x) * 128; off < n; off += static_cast<int64_t>(blockDim.x) * 128) {
-    asm volatile("prefetch.global.L2 [%0];" ::"l"(base + off));
-  }
 }
 
 inline bool pdl_enabled() {

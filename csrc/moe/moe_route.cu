@@ -57,7 +57,7 @@ __device__ __forceinline__ void merge_top2(uint32_t& a1, uint32_t& a2, uint32_t 
 // divisor of 32 (a group is a segment of gs lanes within one j). Every selection is a warp-wide max of order
 // keys with ties broken by the lower index, so the result equals the reference's exactly. The chosen experts
 // go into the block's histogram `hist`; gscore: this warp's n_group floats of shared memory. The logits row
-// is read through L2 (ld.cg): the fused router writes it from other blocks of the same launch.
+// is read once, through L2 (ld.cg).
 struct RouteArgs {
   const float* bias;
   const int32_t* replay32;
@@ -198,99 +198,6 @@ moe_route_kernel(const float* __restrict__ logits, RouteArgs a, int32_t* __restr
   for (int e = threadIdx.x; e < a.E; e += blockDim.x) {
     if (hist[e] != 0) atomicAdd(&counts[e], hist[e]);
   }
-}
-
-// Router GEMM and routing in one launch for decode-sized T (<= kFusedRouteTokens). Each expert's logits take
-// kSplitH warps of a block (warp w: expert blockIdx.x * kRouteExperts + w / kSplitH, 16-byte column chunks
-// w % kSplitH, + kSplitH, ...; fp32 accumulation, the kSplitH partial sums added in warp order through shared
-// memory), so the E weight rows stream from E * kSplitH warps with four 16-byte loads in flight per lane. The
-// logits go to the workspace `logits`; the block that finishes last (a ticket taken after every writer's
-// fence; it resets the ticket for the next launch) routes the tokens, one warp each, and writes every entry
-// of `counts`.
-constexpr int kFusedRouteTokens = 16;
-constexpr int kSplitH = 4;
-constexpr int kRouteExperts = kRouteWarps / kSplitH;  // experts per block
-constexpr int kRouteLoads = 4;                        // 16-byte weight loads in flight per lane
-
-template <int kPerLane, typename in_t>
-__global__ void __launch_bounds__(kRouteWarps * 32)
-router_route_kernel(const in_t* __restrict__ x, const in_t* __restrict__ weight, float* __restrict__ logits,
-                    RouteArgs a, int32_t* __restrict__ counts, unsigned* __restrict__ ticket, int T, int H) {
-  extern __shared__ int smem[];
-  __shared__ float partial[kRouteWarps][kFusedRouteTokens];
-  constexpr int kVec = 16 / sizeof(in_t);
-  constexpr int kStride = kSplitH * 32 * kVec;  // columns between one lane's consecutive chunks
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int e = blockIdx.x * kRouteExperts + warp / kSplitH;
-  allow_next_grid();
-  const int first = blockIdx.x * kRouteExperts;  // this block's weight rows: prefetched before the wait
-  if (first < a.E) {
-    prefetch_l2(weight + static_cast<int64_t>(first) * H, int64_t{min(a.E - first, kRouteExperts)} * H * sizeof(in_t));
-  }
-  wait_for_previous_grid();  // a programmatic dependent launch: x comes from the previous kernel
-  float acc[kFusedRouteTokens] = {};
-  if (e < a.E) {
-    const in_t* w = weight + static_cast<int64_t>(e) * H;
-    for (int h0 = ((warp % kSplitH) * 32 + lane) * kVec; h0 < H; h0 += kRouteLoads * kStride) {
-      uint4 wr[kRouteLoads];
-#pragma unroll
-      for (int u = 0; u < kRouteLoads; ++u) {
-        const int h = h0 + u * kStride;
-        wr[u] = h < H ? __ldcs(reinterpret_cast<const uint4*>(w + h)) : make_uint4(0, 0, 0, 0);
-      }
-#pragma unroll
-      for (int u = 0; u < kRouteLoads; ++u) {
-        const int h = h0 + u * kStride;
-        if (h >= H) break;
-        const in_t* wv = reinterpret_cast<const in_t*>(&wr[u]);
-#pragma unroll
-        for (int t = 0; t < kFusedRouteTokens; ++t) {
-          if (t < T) {
-            const uint4 xr = __ldg(reinterpret_cast<const uint4*>(x + static_cast<int64_t>(t) * H + h));
-            const in_t* xv = reinterpret_cast<const in_t*>(&xr);
-#pragma unroll
-            for (int i = 0; i < kVec; ++i) acc[t] = fmaf(static_cast<float>(xv[i]), static_cast<float>(wv[i]), acc[t]);
-          }
-        }
-      }
-    }
-  }
-#pragma unroll
-  for (int t = 0; t < kFusedRouteTokens; ++t) {
-    if (t < T) {
-      float v = acc[t];
-      for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(kFull, v, o);
-      if (lane == 0) partial[warp][t] = v;
-    }
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < kRouteExperts * T; i += blockDim.x) {
-    const int slot = i / T, t = i % T, expert = blockIdx.x * kRouteExperts + slot;
-    if (expert < a.E) {
-      float v = 0.f;
-#pragma unroll
-      for (int s = 0; s < kSplitH; ++s) v += partial[slot * kSplitH + s][t];
-      logits[static_cast<int64_t>(t) * a.E + expert] = v;
-      __threadfence();  // the logits are visible device-wide before the block takes its ticket
-    }
-  }
-  __shared__ bool last;
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(ticket, 1u) == gridDim.x - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  int* hist = smem;                                          // [E]
-  float* gscore_all = reinterpret_cast<float*>(smem + a.E);  // [kRouteWarps][n_group]
-  for (int i = threadIdx.x; i < a.E; i += blockDim.x) hist[i] = 0;
-  __syncthreads();
-  for (int t = warp; t < T; t += kRouteWarps) {
-    route_token<kPerLane>(a, logits + static_cast<int64_t>(t) * a.E, t, gscore_all + warp * a.n_group, hist);
-    __syncwarp();
-  }
-  __syncthreads();
-  for (int i = threadIdx.x; i < a.E; i += blockDim.x) counts[i] = hist[i];
-  if (threadIdx.x == 0) *ticket = 0u;
 }
 
 // One thread per token: d w_j / d s_i = scale * (delta_ij / (S + eps) - s_j / (S + eps)^2) when
@@ -685,63 +592,7 @@ at::Tensor router_logits_cuda(const at::Tensor& x, const at::Tensor& weight) {
   return logits;
 }
 
-// Router GEMM and routing of the cached inference step (no autograd): moe_route(router_logits(x, weight), ...)
-// without replay. Decode-sized T (<= kFusedRouteTokens) with x and weight both bf16 or both fp32, contiguous
-// and 16-byte aligned: one launch (router_route_kernel; its logits are fp32 sums in another order than
-// cuBLAS's); otherwise the two ops.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_router_route_cuda(
-    const at::Tensor& x, const at::Tensor& weight, const at::Tensor& expert_bias, int64_t n_group, int64_t topk_group,
-    int64_t top_k, double routed_scaling_factor, bool renormalize) {
-  check_cuda(x, "x");
-  check_same_device(weight, x, "weight");
-  RK_CHECK_ARG(x.dim() == 2, "x", "expected [T, H], got ", x.sizes());
-  RK_CHECK_ARG(weight.dim() == 2 && weight.size(1) == x.size(1), "weight", "expected [E, ", x.size(1), "], got ",
-               weight.sizes());
-  const int64_t T = x.size(0), H = x.size(1), E = weight.size(0);
-  const bool same_type = x.scalar_type() == weight.scalar_type() &&
-                         (x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kFloat);
-  const bool fused = T >= 1 && T <= kFusedRouteTokens && same_type && x.is_contiguous() && weight.is_contiguous() &&
-                     (H * x.element_size()) % 16 == 0 && reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0 &&
-                     reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 == 0;
-  if (!fused) {
-    return moe_route_cuda(router_logits_cuda(x, weight), expert_bias, n_group, topk_group, top_k,
-                          routed_scaling_factor, renormalize, std::nullopt);
-  }
-  check_same_device(expert_bias, x, "expert_bias");
-  check_contiguous(expert_bias, "expert_bias");
-  check_dtype(expert_bias, "expert_bias", {at::kFloat});
-  RK_CHECK_ARG(expert_bias.dim() == 1 && expert_bias.size(0) == E, "expert_bias", "expected [", E, "], got ",
-               expert_bias.sizes());
-  check_route_config(E, n_group, topk_group, top_k, "weight");
-  const c10::cuda::CUDAGuard guard(x.device());
-  auto f32 = x.options().dtype(at::kFloat), i32 = x.options().dtype(at::kInt);
-  auto weights = at::empty({T, top_k}, f32);
-  auto ids_out = at::empty({T, top_k}, i32);
-  auto counts = at::empty({E}, i32);  // every entry written by the last block
-  auto logits = at::empty({T, E}, f32);
-  auto ticket = at::zeros({1}, i32);
-  const RouteArgs args = route_args(expert_bias, nullptr, nullptr, weights, ids_out, E, n_group, topk_group, top_k,
-                                    routed_scaling_factor, renormalize);
-  const int64_t blocks = (E + kRouteExperts - 1) / kRouteExperts;
-  const size_t smem = sizeof(int) * (E + kRouteWarps * n_group);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  with_lanes(E, [&](auto per_lane) {
-    auto launch = [&](auto tag) {
-      using in_t = decltype(tag);
-      launch_dependent(router_route_kernel<per_lane.value, in_t>, dim3(static_cast<unsigned>(blocks)),
-                       dim3(kRouteWarps * 32), smem, stream, x.data_ptr<in_t>(), weight.data_ptr<in_t>(),
-                       logits.data_ptr<float>(), args, counts.data_ptr<int32_t>(),
-                       reinterpret_cast<unsigned*>(ticket.data_ptr<int32_t>()), static_cast<int>(T),
-                       static_cast<int>(H));
-    };
-    if (x.scalar_type() == at::kBFloat16) launch(c10::BFloat16{});
-    else launch(float{});
-  });
-  return {weights, ids_out, counts};
-}
-
 TORCH_LIBRARY_IMPL(ringkern, CUDA, m) {
-  m.impl("moe_router_route", &moe_router_route_cuda);
   m.impl("moe_route", &moe_route_cuda);
   m.impl("router_logits", &router_logits_cuda);
   m.impl("moe_route_backward", &moe_route_backward_cuda);

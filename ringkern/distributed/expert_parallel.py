@@ -189,8 +189,8 @@ class GlobalCountRouter(Router):
     count_group: dist.ProcessGroup
 
     def forward(self, x: torch.Tensor, expert_ids: torch.Tensor | None = None,
-                token_mask: torch.Tensor | None = None, sync_free: bool = False):
-        weights, ids, counts = super().forward(x, expert_ids, token_mask, sync_free)
+                token_mask: torch.Tensor | None = None):
+        weights, ids, counts = super().forward(x, expert_ids, token_mask)
         if torch.is_grad_enabled():
             counts = funcol.wait_tensor(funcol.all_reduce(counts, "sum", self.count_group))
         return weights, ids, counts

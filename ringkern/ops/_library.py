@@ -66,19 +66,14 @@ _register_mtp_input()
 
 
 def _register_decode() -> None:
-    from .inference import decode_attention_reference, sample_tokens_reference, small_linear_reference
+    from .inference import decode_attention_reference, sample_tokens_reference
 
     torch.library.register_kernel("ringkern::decode_attention", "cpu", decode_attention_reference)
-    torch.library.register_kernel("ringkern::small_linear", "cpu", small_linear_reference)
     torch.library.register_kernel("ringkern::sample_tokens", "cpu", sample_tokens_reference)
 
     @torch.library.register_fake("ringkern::decode_attention")
     def _(q, k_cache, v_cache, positions):
         return torch.empty_like(q)
-
-    @torch.library.register_fake("ringkern::small_linear")
-    def _(x, weight, residual):
-        return x.new_empty(x.shape[0], weight.shape[0])
 
     @torch.library.register_fake("ringkern::sample_tokens")
     def _(logits, noise_keys, steps, temperature):
@@ -128,18 +123,6 @@ def _register_moe() -> None:
                              expert_ids=expert_ids)
 
     torch.library.register_kernel("ringkern::moe_route", "cpu", route_cpu)
-
-    def router_route_cpu(x, weight, expert_bias, n_group, topk_group, top_k, routed_scaling_factor, renormalize):
-        return route_cpu(torch.ops.ringkern.router_logits(x, weight), expert_bias, n_group, topk_group, top_k,
-                         routed_scaling_factor, renormalize, None)
-
-    torch.library.register_kernel("ringkern::moe_router_route", "cpu", router_route_cpu)
-
-    @torch.library.register_fake("ringkern::moe_router_route")
-    def _(x, weight, expert_bias, n_group, topk_group, top_k, routed_scaling_factor, renormalize):
-        T, E = x.shape[0], weight.shape[0]
-        return (x.new_empty(T, top_k, dtype=torch.float32), x.new_empty(T, top_k, dtype=torch.int32),
-                x.new_empty(E, dtype=torch.int32))
     torch.library.register_kernel("ringkern::moe_route_backward", "cpu", moe_ref.moe_route_backward)
     torch.library.register_kernel("ringkern::moe_dispatch", "cpu", moe_ref.moe_dispatch)
     torch.library.register_kernel("ringkern::moe_experts_forward", "cpu", moe_ref.moe_experts_forward)

@@ -11,11 +11,9 @@ on CUDA. The functions here compute the rest without a sync:
   (each (token, expert) pair gathers its expert's matrices and runs a batched matmul) for decode-sized
   calls and under capture, chunked so its workspace stays bounded; on the CPU, where syncs cost
   nothing, the reference itself.
-- ``router_route``: the router GEMM and ``moe_route`` (one launch on CUDA at decode sizes).
 - ``moe_block``: ``moe_experts`` plus the shared expert; on CUDA one op whose few-rows kernels run the shared
   expert beside the routed ones (decode: one launch pair instead of seven kernels for the shared MLP).
-- ``linear``: the dense projections (fused QKV, attention output plus residual, dense MLP) at decode sizes in one
-  weight-streaming launch each (``csrc/linear/small_linear.cu``).
+- ``linear``: a projection plus the residual in one cuBLAS call on CUDA (the attention output and the dense MLP).
 - ``qkv_norm_rope``: the fused QKV projection split into heads, q/k norms, RoPE and the decode step's
   cache write in one kernel (``csrc/attention/qkv_norm_rope.cu``).
 - ``sample_tokens_reference``: the contract (and CPU kernel) of the decode step's fused token draw,
@@ -42,8 +40,6 @@ _GATHER_WORKSPACE_BYTES = 1 << 28
 # Above this many (token, expert) pairs an uncaptured call (a prefill) takes the reference loop, which reads
 # each expert once instead of once per pair.
 _GATHER_MAX_PAIRS = 512
-# Rows up to which ``linear`` takes the weight-streaming kernel (one pass over the weight reads 32 rows).
-_SMALL_LINEAR_ROWS = 32
 
 
 def moe_experts(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor,
@@ -79,16 +75,6 @@ def moe_experts_gathered(x: torch.Tensor, weights: torch.Tensor, expert_ids: tor
         y = torch.bmm(down_proj[ids], (F.silu(gate) * up).unsqueeze(-1)).squeeze(-1)  # [t k, H]
         outs.append(y.view(-1, k, H))
     return _combine(torch.cat(outs), weights, x.dtype)
-
-
-def router_route(x: torch.Tensor, weight: torch.Tensor, expert_bias: torch.Tensor, *, n_group: int, topk_group: int,
-                 top_k: int, routed_scaling_factor: float, renormalize: bool
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``ops.moe_route(ops.router_logits(x, weight), expert_bias, ...)`` for cached inference (no replay, no
-    autograd): (weights [T, k] fp32, expert_ids [T, k] int32, tokens_per_expert [E] int32). On CUDA at decode
-    sizes one launch computes the logits and routes (``torch.ops.ringkern.moe_router_route``)."""
-    return torch.ops.ringkern.moe_router_route(x, weight, expert_bias, n_group, topk_group, top_k,
-                                               routed_scaling_factor, renormalize)
 
 
 def moe_block(x: torch.Tensor, weights: torch.Tensor, expert_ids: torch.Tensor, gate_up_proj: torch.Tensor,
@@ -127,26 +113,16 @@ def _combine(y_pairs: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T (+ residual) for cached inference; x [..., K], weight [N, K], residual [..., N]. On CUDA
-    with bf16 tensors and at most ``_SMALL_LINEAR_ROWS`` rows (decode sizes), one weight-streaming launch that
-    adds the residual before its one rounding (``torch.ops.ringkern.small_linear``, contract:
-    :func:`small_linear_reference`); otherwise ``F.linear`` (+ residual)."""
-    rows, K = x.numel() // x.shape[-1], x.shape[-1]
+    """x @ weight^T (+ residual) for cached inference; x [..., K], weight [N, K], residual [..., N]. On CUDA the
+    residual rides in the GEMM (``addmm``, beta = 1: one kernel, one rounding); elsewhere ``residual + F.linear``,
+    the training path's numbers."""
+    if residual is None:
+        return F.linear(x, weight)
+    if not x.is_cuda:
+        return residual + F.linear(x, weight)
     N = weight.shape[0]
-    if (x.is_cuda and x.dtype == weight.dtype == torch.bfloat16 and 1 <= rows <= _SMALL_LINEAR_ROWS
-            and K % 128 == 0 and N % 16 == 0 and (residual is None or residual.dtype == torch.bfloat16)):
-        res = None if residual is None else residual.reshape(rows, N).contiguous()
-        y = torch.ops.ringkern.small_linear(x.reshape(rows, K).contiguous(), weight.contiguous(), res)
-        return y.view(*x.shape[:-1], N)
-    y = F.linear(x, weight)
-    return y if residual is None else residual + y
-
-
-def small_linear_reference(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None) -> torch.Tensor:
-    """The contract of ``torch.ops.ringkern.small_linear`` (its CPU kernel): x [T, K] @ weight [N, K]^T with
-    fp32 accumulation, plus residual [T, N] in fp32, rounded once to x's dtype."""
-    y = x.float() @ weight.float().t()
-    return (y if residual is None else y + residual.float()).to(x.dtype)
+    y = torch.addmm(residual.reshape(-1, N), x.reshape(-1, x.shape[-1]), weight.t())
+    return y.view(*x.shape[:-1], N)
 
 
 def sample_tokens_reference(logits: torch.Tensor, noise_keys: torch.Tensor, steps: torch.Tensor,
@@ -247,6 +223,5 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 __all__ = ["cache_attention_mask", "cached_attention", "decode_attention_reference", "decode_kernel_applies",
-           "decode_kernel_supported",
-           "linear", "moe_block", "moe_block_inference_reference", "moe_experts", "moe_experts_gathered",
-           "qkv_norm_rope", "router_route", "sample_tokens_reference", "small_linear_reference"]
+           "decode_kernel_supported", "linear", "moe_block", "moe_block_inference_reference", "moe_experts",
+           "moe_experts_gathered", "qkv_norm_rope", "sample_tokens_reference"]
