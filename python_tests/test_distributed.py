@@ -477,8 +477,9 @@ def train_under_torchrun(tmp_path: Path, config_yaml: str, stage: str) -> tuple[
     config.write_text(config_yaml.format(out=out))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port",
            str(_free_port()), "-m", "ringkern", "train", "--config", str(config), "--stage", stage]
+    # CPU ranks on any machine (a one-GPU machine cannot give each rank a device of its own)
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=JOB_TIMEOUT_S,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""})
     assert done.returncode == 0, done.stderr[-4000:]
     return out, [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
 

@@ -115,12 +115,9 @@ class Attention(nn.Module):
         self.dense = nn.Linear(self.n_heads * self.head_dim, cfg.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                key_padding_mask: torch.Tensor | None, kv: LayerKV | None = None,
-                residual: torch.Tensor | None = None) -> torch.Tensor:
-        """Attention of x [B, T, H] (+ residual [B, T, H], added by the output projection when cached)."""
+                key_padding_mask: torch.Tensor | None, kv: LayerKV | None = None) -> torch.Tensor:
         B, T, _ = x.shape
-        cached = kv is not None
-        qkv = _linear(self.query_key_value, x, cached=cached)  # [B, T, (Hq + 2 Hkv) D]
+        qkv = self.query_key_value(x)  # [B, T, (Hq + 2 Hkv) D]
         norm_weights = (self.query_layernorm.weight, self.key_layernorm.weight) if self.use_qk_norm else (None, None)
         heads = (*norm_weights, cos, sin, self.n_heads, self.n_kv, self.eps)  # qkv_norm_rope's arguments
         if kv is None:  # training and uncached forwards: the differentiable composition
@@ -134,17 +131,7 @@ class Attention(nn.Module):
             kv.keys[kv.rows, :, :T] = k
             kv.values[kv.rows, :, :T] = v
             out = ops.attention(q, k, v, causal=True, key_padding_mask=key_padding_mask)  # [B, Hq, T, D]
-        return _linear(self.dense, out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim), residual, cached)
-
-
-def _linear(layer: nn.Linear, x: torch.Tensor, residual: torch.Tensor | None = None, cached: bool = False
-            ) -> torch.Tensor:
-    """layer(x) (+ residual). Cached inference takes ``inference_ops.linear``: at decode sizes on CUDA one
-    weight-streaming launch that also adds the residual."""
-    if cached:
-        return inference_ops.linear(x, layer.weight, residual)
-    y = layer(x)
-    return y if residual is None else residual + y
+        return self.dense(out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim))
 
 
 class DenseMLP(nn.Module):
@@ -156,10 +143,8 @@ class DenseMLP(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None, cached: bool = False) -> torch.Tensor:
-        """The MLP of x (+ residual, added by the down projection when ``cached``: see :func:`_linear`)."""
-        act = F.silu(_linear(self.gate_proj, x, cached=cached)) * _linear(self.up_proj, x, cached=cached)
-        return _linear(self.down_proj, act, residual, cached)
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Router(nn.Module):
@@ -292,10 +277,10 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, key_padding_mask, expert_ids=None, kv: LayerKV | None = None,
                 load_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, Routing | None]:
         """load_mask [B, T] bool: the tokens counted in the expert load (default: key_padding_mask)."""
-        x = self.attention(self.input_layernorm(x), cos, sin, key_padding_mask, kv, residual=x)
+        x = x + self.attention(self.input_layernorm(x), cos, sin, key_padding_mask, kv)
         h = self.post_attention_layernorm(x)
         if not self.is_moe:
-            return self.mlp(h, residual=x, cached=kv is not None), None
+            return x + self.mlp(h), None
         # cached inference: no load statistics needed, and the decode step stays free of extra kernels
         counted = key_padding_mask if load_mask is None else load_mask
         y, routing = self.mlp(h, expert_ids, sync_free=kv is not None, token_mask=counted if kv is None else None)

@@ -13,7 +13,6 @@ on CUDA. The functions here compute the rest without a sync:
   nothing, the reference itself.
 - ``moe_block``: ``moe_experts`` plus the shared expert; on CUDA one op whose few-rows kernels run the shared
   expert beside the routed ones (decode: one launch pair instead of seven kernels for the shared MLP).
-- ``linear``: a projection plus the residual in one cuBLAS call on CUDA (the attention output and the dense MLP).
 - ``qkv_norm_rope``: the fused QKV projection split into heads, q/k norms, RoPE and the decode step's
   cache write in one kernel (``csrc/attention/qkv_norm_rope.cu``).
 - ``sample_tokens_reference``: the contract (and CPU kernel) of the decode step's fused token draw,
@@ -110,19 +109,6 @@ def _combine(y_pairs: torch.Tensor, weights: torch.Tensor, dtype: torch.dtype) -
     """sum_j w_tj y_tj in fp32 (fixed order), cast to ``dtype``. y_pairs: [T, k, H]; weights: [T, k]."""
     acc = reference._acc(y_pairs) * reference._acc(weights).unsqueeze(-1)
     return acc.sum(1).to(dtype)
-
-
-def linear(x: torch.Tensor, weight: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight^T (+ residual) for cached inference; x [..., K], weight [N, K], residual [..., N]. On CUDA the
-    residual rides in the GEMM (``addmm``, beta = 1: one kernel, one rounding); elsewhere ``residual + F.linear``,
-    the training path's numbers."""
-    if residual is None:
-        return F.linear(x, weight)
-    if not x.is_cuda:
-        return residual + F.linear(x, weight)
-    N = weight.shape[0]
-    y = torch.addmm(residual.reshape(-1, N), x.reshape(-1, x.shape[-1]), weight.t())
-    return y.view(*x.shape[:-1], N)
 
 
 def sample_tokens_reference(logits: torch.Tensor, noise_keys: torch.Tensor, steps: torch.Tensor,
@@ -223,5 +209,5 @@ def decode_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
 
 
 __all__ = ["cache_attention_mask", "cached_attention", "decode_attention_reference", "decode_kernel_applies",
-           "decode_kernel_supported", "linear", "moe_block", "moe_block_inference_reference", "moe_experts",
+           "decode_kernel_supported", "moe_block", "moe_block_inference_reference", "moe_experts",
            "moe_experts_gathered", "qkv_norm_rope", "sample_tokens_reference"]
