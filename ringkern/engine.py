@@ -14,10 +14,12 @@ How a call runs:
 - Decode: one token per active sequence per step. On CUDA the step (model and lm_head, fp32 logits)
   is captured once per batch size bucket (1, 2, 4, ... max_batch; a step with n active sequences runs
   the smallest bucket >= n, the spare rows compute on a dummy token) into a CUDA graph replayed with
-  static input buffers. The step has no host syncs: cache writes are index_put, attention is SDPA
-  with a position mask, and the MoE layers use the sync-free ops of :mod:`ringkern.ops.inference`.
+  static input buffers. The step has no host syncs: the QKV kernel writes the cache, attention is the
+  split-KV decode kernel (SDPA with a position mask where it does not apply), and the MoE layers use the
+  sync-free ops of :mod:`ringkern.ops.inference`.
 - The decode step's sampling is part of that graph (one graph per batch bucket and set of sampling
-  filters: the sampler branches on them on the host, no sort at all for plain temperature sampling).
+  filters: the sampler branches on them on the host, no sort at all for plain temperature sampling, and
+  greedy or plain temperature draws are one fused op, ``torch.ops.ringkern.sample_tokens``).
   Each step's inputs (last token, position, noise key and generated count per row) go to the device in
   one copy, and its tokens and log-probs come back in one copy, the step's only host sync (stop checks
   and streaming need them). At batch 1 the host's work between two steps is on the critical path, so

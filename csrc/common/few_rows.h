@@ -119,11 +119,10 @@ __device__ __forceinline__ void for_each_pass(int begin, int end, Pass&& pass) {
 }
 
 // One pass over output columns n0.. n0+15 (w_rows: the first of those weight rows, row stride K) for the rows
-// [r0, min(r0 + 8 kNT, end)) of act [., K]: y[p, n] = act[p, :] . w[n, :] (+ residual[p, n], added in fp32),
-// y and residual with row stride N.
+// [r0, min(r0 + 8 kNT, end)) of act [., K]: y[p, n] = act[p, :] . w[n, :], y with row stride N.
 template <int kNT>
-__device__ void rows_pass(const bf16* act, const bf16* w_rows, const bf16* residual,
-                          bf16* y, float* red, int r0, int end, int N, int K, int n0) {
+__device__ void rows_pass(const bf16* act, const bf16* w_rows, bf16* y, float* red, int r0, int end, int N, int K,
+                          int n0) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
   const bf16* w[1] = {w_rows};
   const bf16* rows[kNT];
@@ -139,10 +138,7 @@ __device__ void rows_pass(const bf16* act, const bf16* w_rows, const bf16* resid
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
       const int64_t p = r0 + 8 * t + 2 * c + (i & 1);
-      const int64_t n = n0 + g + 8 * (i >> 1);
-      if (p < end) {
-        y[p * N + n] = __float2bfloat16(acc[0][t][i] + (residual ? __bfloat162float(residual[p * N + n]) : 0.f));
-      }
+      if (p < end) y[p * N + n0 + g + 8 * (i >> 1)] = __float2bfloat16(acc[0][t][i]);
     }
   }
 }

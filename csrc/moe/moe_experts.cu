@@ -331,8 +331,8 @@ small_down_kernel(const bf16* __restrict__ act, const int32_t* __restrict__ offs
   wait_for_previous_grid();
   if (shared.down && blockIdx.y == gridDim.y - 1) {
     for_each_pass<kMaxNT>(0, T, [&](auto n_tiles, int r0) {
-      rows_pass<decltype(n_tiles)::value>(shared.act, shared.down + static_cast<int64_t>(h0) * shared.I, nullptr,
-                                          shared.y, red, r0, T, H, shared.I, h0);
+      rows_pass<decltype(n_tiles)::value>(shared.act, shared.down + static_cast<int64_t>(h0) * shared.I, shared.y,
+                                          red, r0, T, H, shared.I, h0);
     });
     return;
   }
@@ -340,7 +340,7 @@ small_down_kernel(const bf16* __restrict__ act, const int32_t* __restrict__ offs
   if (!touched_expert(active, offsets, E, e, begin, end)) return;
   const bf16* w_rows = w_down + (static_cast<int64_t>(e) * H + h0) * I;
   for_each_pass<kMaxNT>(begin, end, [&](auto n_tiles, int r0) {
-    rows_pass<decltype(n_tiles)::value>(act, w_rows, nullptr, y_sorted, red, r0, end, H, I, h0);
+    rows_pass<decltype(n_tiles)::value>(act, w_rows, y_sorted, red, r0, end, H, I, h0);
   });
 }
 
