@@ -13,7 +13,6 @@
 #pragma once
 #include <cuda_runtime.h>
 
-#include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <utility>
