@@ -157,7 +157,7 @@ def bench_liger(x: dict, reps: int) -> dict:
 
 def sweep_chunking(x: dict, reps: int, configs: str) -> dict:
     """Fused loss time (grad_weight into the fp32 buffer) under other chunk plans: ';'-separated configs of
-    ','-separated KEY=VALUE settings of RINGKERN_LOGPROB_KEY (MAX_CHUNK_ROWS, CUTLASS)."""
+    ','-separated KEY=VALUE settings of RINGKERN_LOGPROB_KEY (BF16_LOGITS, MAX_CHUNK_ROWS, CUTLASS, ...)."""
     T, H = x["hidden"].shape
     buffer = torch.zeros(x["weight"].shape[0], H, device="cuda", dtype=torch.float32)
     step = loss_step(ops.icepop_policy_loss, x, grad_weight_buffer=buffer)
@@ -178,7 +178,7 @@ def main() -> None:
     parser.add_argument("--vocab", type=int, default=157184)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--peers", default="eager,cce,liger")
-    parser.add_argument("--sweep", default="MAX_CHUNK_ROWS=1024;MAX_CHUNK_ROWS=2048",
+    parser.add_argument("--sweep", default="BF16_LOGITS=0;STATS_CHUNK_ROWS=4096;MAX_CHUNK_ROWS=2048",
                         help="at T=16384, also time the fused loss under these chunk plans (see sweep_chunking)")
     args = parser.parse_args()
     H, V = args.hidden, args.vocab

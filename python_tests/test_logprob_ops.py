@@ -219,9 +219,19 @@ def test_token_logprobs_bf16_vs_fp64(V, temperature, stats, monkeypatch):
     assert (ent.double() - ent64).abs().max().item() <= 2e-3
 
 
+LOGITS = pytest.mark.parametrize("logits", ["bf16", "fp32"])
+
+
+def use_logits(monkeypatch, logits):
+    """The gradient passes' logits buffer: bf16 (the default for bf16 inputs) or fp32."""
+    monkeypatch.setenv("RINGKERN_LOGPROB_BF16_LOGITS", "1" if logits == "bf16" else "0")
+
+
 @requires_cuda
 @pytest.mark.parametrize("V", [1000, 50257])
-def test_token_logprobs_grads_bf16_vs_fp64(V, monkeypatch):
+@LOGITS
+def test_token_logprobs_grads_bf16_vs_fp64(V, logits, monkeypatch):
+    use_logits(monkeypatch, logits)
     monkeypatch.setenv("RINGKERN_LOGPROB_MAX_CHUNK_ROWS", "8")  # 5 chunks: exercises the chunk loop
     hidden, weight, targets = cuda_linear_inputs(37, 96, V)
     g_logp, g_ent = torch.randn(37, device="cuda"), torch.randn(37, device="cuda")
@@ -244,8 +254,11 @@ def test_token_logprobs_grads_bf16_vs_fp64(V, monkeypatch):
 @pytest.mark.parametrize("V", [1000, 50257])
 @pytest.mark.parametrize("correction,aggregation",
                          [("icepop", "seq-mean-token-mean"), ("tis", "token-mean"), ("none", "seq-mean-token-mean")])
-def test_icepop_bf16_vs_fp64(V, correction, aggregation, monkeypatch):
+@LOGITS
+def test_icepop_bf16_vs_fp64(V, correction, aggregation, logits, monkeypatch):
+    use_logits(monkeypatch, logits)
     monkeypatch.setenv("RINGKERN_LOGPROB_MAX_CHUNK_ROWS", "16")
+    monkeypatch.setenv("RINGKERN_LOGPROB_STATS_CHUNK_ROWS", "8")  # bf16: two statistics GEMMs per chunk
     hidden, weight, targets = cuda_linear_inputs(37, 96, V)
     policy = policy_inputs(hidden, weight, targets, [10, 15, 0, 12])
     kw = dict(correction=correction, aggregation=aggregation, temperature=1.1)
@@ -262,7 +275,9 @@ def test_icepop_bf16_vs_fp64(V, correction, aggregation, monkeypatch):
 
 @requires_cuda
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_linear_cross_entropy_bf16_vs_fp64(reduction):
+@LOGITS
+def test_linear_cross_entropy_bf16_vs_fp64(reduction, logits, monkeypatch):
+    use_logits(monkeypatch, logits)
     hidden, weight, targets = cuda_linear_inputs(37, 96, 1000)
     targets[::5] = -100
     token_weights = torch.rand(37, device="cuda")
@@ -276,6 +291,22 @@ def test_linear_cross_entropy_bf16_vs_fp64(reduction):
     for name, a, b, c in zip(("loss", "aux", "grad_hidden", "grad_weight"), ours, eager, oracle):
         if a is not None:
             assert_close_to_oracle(name, a, b, c)
+
+
+@requires_cuda
+@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability() != (9, 0),
+                    reason="the statistics GEMM that stores bf16 logits is built for sm_90a")
+def test_bf16_logits_switch_changes_the_path_on_hopper(monkeypatch):
+    """Both gradient paths run (and differ in their last bits): the parametrized tests above cover each."""
+    hidden, weight, targets = cuda_linear_inputs(64, 128, 3000)
+    policy = policy_inputs(hidden, weight, targets, [64])
+    grads = {}
+    for logits in ("bf16", "fp32"):
+        use_logits(monkeypatch, logits)
+        grads[logits] = grads_of(icepop_fn(ops.icepop_policy_loss, targets, policy), hidden, weight)
+    assert rel_err(grads["bf16"][0], grads["fp32"][0]) < 1e-4  # the loss: fp32 statistics on both paths
+    assert not torch.equal(grads["bf16"][2], grads["fp32"][2])
+    assert rel_err(grads["bf16"][2], grads["fp32"][2]) < 1e-2
 
 
 @requires_cuda

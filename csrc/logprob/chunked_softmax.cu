@@ -118,6 +118,18 @@ __device__ SoftmaxStats row_stats(const T* x, int64_t vocab, float inv_temp) {
   return st;
 }
 
+// d/d(z_i) of a * logp + b * entropy times inv_temp (ca = a * inv_temp, cb = b * inv_temp) at the scaled logit
+// z_i: inv_temp * (a * (onehot_i - p_i) - b * p_i * (z_i - mean_z)), p_i = exp(z_i - lse).
+struct LogitGrad {
+  int64_t target;
+  float lse, mean_z, ca, cb;
+
+  __device__ __forceinline__ float operator()(float z, int64_t i) const {
+    const float d = ca == 0.f && cb == 0.f ? 0.f : -__expf(z - lse) * fmaf(cb, z - mean_z, ca);
+    return i == target ? d + ca : d;
+  }
+};
+
 // Writes d/d(logits) of a*logp + b*entropy (each times inv_temp) over a row of fp32 logits, in place and
 // narrowed to T: d_i = inv_temp * (a * (onehot_i - p_i) - b * p_i * (z_i - mean_z)), p_i = exp(z_i - lse).
 // Element i of the T row starts at byte i * sizeof(T) of the fp32 row, i.e. inside fp32 element <= i, so
@@ -128,12 +140,7 @@ __device__ void write_row_grad(float* x, int64_t vocab, int64_t target, float in
   constexpr int N = Pack<T>::kN;
   static_assert(kUnit % N == 0 && kUnit % Pack<float>::kN == 0);
   T* out = reinterpret_cast<T*>(x);
-  const float ca = a * inv_temp, cb = b * inv_temp;
-  const bool zero = ca == 0.f && cb == 0.f;
-  auto grad = [&](float z, int64_t i) {
-    float d = zero ? 0.f : -__expf(z - lse) * fmaf(cb, z - mean_z, ca);
-    return i == target ? d + ca : d;
-  };
+  const LogitGrad grad{target, lse, mean_z, a * inv_temp, b * inv_temp};
   const int64_t n_units = vocab / kUnit;
   const int64_t tail = n_units * kUnit + threadIdx.x;
   const bool has_tail = threadIdx.x < kUnit && tail < vocab;
@@ -217,6 +224,35 @@ __global__ void __launch_bounds__(kRowThreads) softmax_rows_kernel(float* logits
   write_row_grad<T>(x, args.vocab, target, args.inv_temp, lse, mean_z, a, b);
 }
 
+// One block per row of a chunk of bf16 logits (unscaled, as the GEMM wrote them): d/d(logits) in place, from
+// the row's statistics (kGrad: saved by the forward; kStatsAndGrad: just written by the statistics GEMM, with
+// the token coefficient of its log-prob). Each thread rewrites only the elements it read.
+__global__ void __launch_bounds__(kRowThreads) grad_rows_bf16_kernel(c10::BFloat16* logits, RowArgs args) {
+  using T = c10::BFloat16;
+  constexpr int N = Pack<T>::kN;
+  const int64_t row = blockIdx.x, t = args.row0 + row;
+  T* x = logits + row * args.ld;
+  const float lse = args.lse[t];
+  float a, b = 0.f;
+  if (args.mode == RowMode::kGrad) {
+    a = args.grad_logp[t];
+    b = args.grad_entropy[t];
+  } else {
+    a = token_coef(args.coef, t, args.logp[t]);
+  }
+  const LogitGrad grad{args.targets[t], lse, lse - args.entropy[t], a * args.inv_temp, b * args.inv_temp};
+  const int64_t n_packs = args.vocab / N;
+  for (int64_t i = threadIdx.x; i < n_packs; i += kRowThreads) {
+    float z[N];
+    load_scaled(x + i * N, args.inv_temp, z);
+#pragma unroll
+    for (int k = 0; k < N; ++k) z[k] = grad(z[k], i * N + k);
+    store_pack(x + i * N, z);
+  }
+  const int64_t tail = n_packs * N + threadIdx.x;
+  if (tail < args.vocab) x[tail] = static_cast<T>(grad(static_cast<float>(x[tail]) * args.inv_temp, tail));
+}
+
 int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 int64_t ceil_div(int64_t x, int64_t m) { return (x + m - 1) / m; }
 
@@ -258,6 +294,33 @@ void grad_weight_gemm(const PassArgs& p, const T* h, const T* d, int64_t rows, i
   }
 }
 
+// The chunk's gradient GEMMs from its d/d(logits) rows d [n, ld_d] (T): grad_hidden rows and grad_weight.
+template <typename T>
+void chunk_grad_gemms(const PassArgs& p, int64_t start, int64_t n, const T* d, int64_t ld_d) {
+  const int64_t H = p.hidden.size(1);
+  const T* h = p.hidden.data_ptr<T>() + start * H;
+  if (p.grad_hidden.defined()) {
+    // grad_hidden [n, H] = D [n, V] @ weight [V, H]
+    gemm<T, T>('n', 'n', H, n, p.weight.size(0), p.weight.data_ptr<T>(), H, d, ld_d, 0.f,
+               p.grad_hidden.data_ptr<T>() + start * H, H);
+  }
+  if (p.grad_weight.defined()) {
+    grad_weight_gemm<T>(p, h, d, n, ld_d, (p.accumulate_grad_weight || start > 0) ? 1.f : 0.f);
+  }
+}
+
+RowArgs row_args(const PassArgs& p, int64_t ld, float inv_temp) {
+  RowArgs args{p.weight.size(0), ld, 0, inv_temp, p.mode, p.targets.data_ptr<int64_t>(), nullptr,
+               p.entropy.data_ptr<float>(), p.lse.data_ptr<float>(), p.coef, nullptr, nullptr};
+  if (p.mode != RowMode::kGrad) {
+    args.logp = p.logp.data_ptr<float>();
+  } else {
+    args.grad_logp = p.grad_logp.data_ptr<float>();
+    args.grad_entropy = p.grad_entropy.data_ptr<float>();
+  }
+  return args;
+}
+
 template <typename T>
 void run_pass_typed(const PassArgs& p) {
   const int64_t tokens = p.hidden.size(0), H = p.hidden.size(1), V = p.weight.size(0);
@@ -270,15 +333,7 @@ void run_pass_typed(const PassArgs& p) {
   const float inv_temp = static_cast<float>(1.0 / p.temperature);
   const bool grads = p.mode != RowMode::kStats;
 
-  RowArgs args{V, ld, 0, inv_temp, p.mode, p.targets.data_ptr<int64_t>(), nullptr, p.entropy.data_ptr<float>(),
-               p.lse.data_ptr<float>(), p.coef, nullptr, nullptr};
-  if (p.mode != RowMode::kGrad) {
-    args.logp = p.logp.data_ptr<float>();
-  } else {
-    args.grad_logp = p.grad_logp.data_ptr<float>();
-    args.grad_entropy = p.grad_entropy.data_ptr<float>();
-  }
-
+  RowArgs args = row_args(p, ld, inv_temp);
   auto buffer = at::empty({rows, ld}, p.hidden.options().dtype(at::kFloat));
   float* logits = buffer.data_ptr<float>();
   const T* d = reinterpret_cast<const T*>(logits);
@@ -290,14 +345,47 @@ void run_pass_typed(const PassArgs& p) {
     args.row0 = start;
     softmax_rows_kernel<T><<<n, kRowThreads, 0, stream>>>(logits, args);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
-    if (!grads) continue;
-    if (p.grad_hidden.defined()) {
-      // grad_hidden [n, H] = D [n, V] @ weight [V, H]
-      gemm<T, T>('n', 'n', H, n, V, weight, H, d, ld_grad, 0.f, p.grad_hidden.data_ptr<T>() + start * H, H);
+    if (grads) chunk_grad_gemms<T>(p, start, n, d, ld_grad);
+  }
+}
+
+// Whether a gradient pass of bf16 inputs keeps its logits in bf16, its statistics still from fp32 logits: from
+// the CUTLASS statistics GEMM, which also stores the bf16 copy (kStatsAndGrad; sm_90), or saved by the forward
+// (kGrad). Half the bytes per row: chunks twice as tall (the weight-gradient GEMM walks its fp32 accumulator
+// half as often) and a row kernel that reads 2 bytes per logit once. RINGKERN_LOGPROB_BF16_LOGITS=0 keeps the
+// fp32 logits (for comparison).
+bool use_bf16_logits(const PassArgs& p) {
+  if (p.mode == RowMode::kStats || p.hidden.scalar_type() != at::kBFloat16) return false;
+  const char* env = std::getenv("RINGKERN_LOGPROB_BF16_LOGITS");
+  if (env && std::string(env) == "0") return false;
+  return p.mode == RowMode::kGrad || stats_gemm_applies(p.hidden, p.weight, static_cast<float>(1.0 / p.temperature));
+}
+
+void run_bf16_logits_pass(const PassArgs& p) {
+  using T = c10::BFloat16;
+  const int64_t tokens = p.hidden.size(0), H = p.hidden.size(1), V = p.weight.size(0);
+  const int64_t ld = round_up(V, kLdAlign);  // 16-byte aligned bf16 rows (TMA and the row kernel's packs)
+  const int64_t rows = chunk_rows(tokens, ld, sizeof(T));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const float inv_temp = static_cast<float>(1.0 / p.temperature);
+  RowArgs args = row_args(p, ld, inv_temp);
+  auto buffer = at::empty({rows, ld}, p.hidden.options());
+  T* logits = buffer.data_ptr<T>();
+  for (int64_t start = 0; start < tokens; start += rows) {
+    const int64_t n = std::min(rows, tokens - start);
+    if (p.mode == RowMode::kGrad) {
+      // logits [n, V] = h [n, H] @ weight^T in bf16: lse and entropy come from the forward
+      gemm<T, T>('t', 'n', V, n, H, p.weight.data_ptr<T>(), H, p.hidden.data_ptr<T>() + start * H, H, 0.f, logits,
+                 ld);
+    } else {
+      TORCH_CHECK(token_stats_sm90(p.hidden.narrow(0, start, n), p.weight, args.targets + start, inv_temp,
+                                   args.logp + start, args.entropy + start, args.lse + start, stream, logits, ld),
+                  "ringkern: the CUTLASS logits-statistics GEMM declined a chunk that stats_gemm_applies() accepted");
     }
-    if (p.grad_weight.defined()) {
-      grad_weight_gemm<T>(p, h, d, n, ld_grad, (p.accumulate_grad_weight || start > 0) ? 1.f : 0.f);
-    }
+    args.row0 = start;
+    grad_rows_bf16_kernel<<<n, kRowThreads, 0, stream>>>(logits, args);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    chunk_grad_gemms<T>(p, start, n, logits, ld);
   }
 }
 
@@ -331,7 +419,9 @@ void run_chunked_pass(const PassArgs& args) {
     TORCH_CHECK(stats_gemm != StatsGemm::kRequire,
                 "ringkern: the CUTLASS logits-statistics GEMM declined and RINGKERN_LOGPROB_STATS_GEMM=require");
   }
-  if (args.hidden.scalar_type() == at::kBFloat16) {
+  if (use_bf16_logits(args)) {
+    run_bf16_logits_pass(args);
+  } else if (args.hidden.scalar_type() == at::kBFloat16) {
     run_pass_typed<c10::BFloat16>(args);
   } else {
     run_pass_typed<float>(args);

@@ -9,6 +9,10 @@
 // weight's dtype, never re-read as logits; bf16 into fp32 on a CUTLASS kernel, sm90_gemm.cu).
 // The statistics-only pass of bf16 inputs (token_logprobs' forward) needs no logits at all on Hopper: a
 // CUTLASS GEMM reduces each output tile to per-token statistics in its epilogue (sm90_logits_stats.cu).
+// The gradient passes of bf16 inputs keep bf16 logits instead, the statistics still exact: that GEMM also
+// stores the tile rounded to bf16 (forward of a loss, Hopper), or the statistics were saved by the forward
+// (backward of token_logprobs, a cuBLAS GEMM with bf16 out). d/d(logits) then sees the rounding the bf16
+// eager reference has, and the chunks hold twice the rows.
 #pragma once
 #include <torch/types.h>
 

@@ -14,6 +14,11 @@
 //    then a fixed xor butterfly), and writes lse = m + log s, entropy = log s - t / s and
 //    logp = z_target - lse.
 //
+//  * Optionally (the gradient passes of chunked_softmax.cu) the epilogue also stores the tile's logits, acc
+//    rounded to bf16 and not yet scaled by inv_temp, into a caller's [M, ld] buffer: the statistics above
+//    still come from the fp32 accumulators, and the bf16 copy only feeds d/d(logits), where the bf16 eager
+//    reference has the same rounding. Each thread stores its adjacent column pairs as bf16x2.
+//
 // Tokens are processed in chunks (default 2048 rows per GEMM, like the cuBLAS path: the chunk of hidden stays
 // in L2 while the weight streams once per chunk) so the partials stay small (rows x ceil(V / tileN) x 12 B:
 // 30 MB at 2048 rows, V = 157184, tileN = 128). All scratch comes from the caching allocator; nothing syncs
@@ -25,6 +30,7 @@
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
 
 #include <algorithm>
 #include <cmath>
@@ -80,6 +86,8 @@ struct StatsArgs {
   const int64_t* targets = nullptr;  // [M], values in [0, N)
   int64_t n_tiles = 0;               // ceil(N / tileN)
   float inv_temp = 1.f;
+  Bf16* logits = nullptr;            // optional [M, ld] bf16 copy of acc (ld even, rows 4-byte aligned)
+  int64_t ld = 0;
 };
 
 // Layout facts about the wgmma accumulator fragment that the epilogue relies on, checked at compile time.
@@ -177,6 +185,9 @@ class StatsEpilogue {
                             ProblemShapeMNKL problem_shape_mnkl, TileShapeMNK tile_shape_mnk,
                             TileCoordMNKL tile_coord_mnkl, Tensor<AccEngine, AccLayout> const& acc,
                             TiledMma tiled_mma, int thread_idx, TensorStorage&, int = -1) {
+    if (params_.logits != nullptr) {
+      write_logits(params_, problem_shape_mnkl, tile_shape_mnk, tile_coord_mnkl, acc, tiled_mma, thread_idx);
+    }
     constexpr int kSlots = 2 * int(size<1>(AccLayout{}));
     Stats st[kSlots];
     thread_tile_stats(params_, problem_shape_mnkl, tile_shape_mnk, tile_coord_mnkl, acc, tiled_mma, thread_idx, st);
@@ -286,6 +297,42 @@ class StatsEpilogue {
             if (local == 8 * g + 1) z = acc(make_coord(1, half, g), mm, 0);
           }
           params.target_z[row[slot]] = z * inv_temp;
+        }
+      }
+    }
+  }
+
+  // The bf16 copy of this thread's accumulators: values (0, half, g) and (1, half, g) are the adjacent
+  // columns n0 + col0 + 8 g and + 1 of their row (FragmentFacts), one 4-byte store per pair below N.
+  template <class ProblemShapeMNKL, class TileShapeMNK, class TileCoordMNKL, class AccEngine, class AccLayout,
+            class TiledMma>
+  CUTLASS_DEVICE static void write_logits(Params const& params, ProblemShapeMNKL problem_shape_mnkl,
+                                          TileShapeMNK tile_shape_mnk, TileCoordMNKL tile_coord_mnkl,
+                                          Tensor<AccEngine, AccLayout> const& acc, TiledMma tiled_mma,
+                                          int thread_idx) {
+    Tensor tCcD = tiled_mma.get_thread_slice(thread_idx).partition_C(make_identity_tensor(take<0, 2>(tile_shape_mnk)));
+    using Facts = FragmentFacts<TileShapeMNK, decltype(tCcD)>;
+    const int M = get<0>(problem_shape_mnkl);
+    const int N = get<1>(problem_shape_mnkl);
+    const int m0 = int(get<0>(tile_coord_mnkl)) * int(size<0>(tile_shape_mnk));
+    const int n0 = int(get<1>(tile_coord_mnkl)) * int(size<1>(tile_shape_mnk));
+    CUTLASS_PRAGMA_UNROLL
+    for (int mm = 0; mm < Facts::kMmaM; ++mm) {
+      CUTLASS_PRAGMA_UNROLL
+      for (int half = 0; half < 2; ++half) {
+        const int r = m0 + int(get<0>(tCcD(make_coord(0, half, 0), mm, 0)));
+        if (r >= M) continue;
+        const int c = n0 + int(get<1>(tCcD(make_coord(0, half, 0), mm, 0)));
+        Bf16* out = params.logits + int64_t(r) * params.ld;
+        CUTLASS_PRAGMA_UNROLL
+        for (int g = 0; g < Facts::kGroups; ++g) {
+          const int col = c + 8 * g;
+          const float a0 = acc(make_coord(0, half, g), mm, 0), a1 = acc(make_coord(1, half, g), mm, 0);
+          if (col + 1 < N) {
+            *reinterpret_cast<__nv_bfloat162*>(out + col) = __floats2bfloat162_rn(a0, a1);
+          } else if (col < N) {
+            out[col] = Bf16(a0);
+          }
         }
       }
     }
@@ -409,7 +456,8 @@ int64_t chunk_rows(int64_t tokens) {
 
 template <class Config>
 bool run_stats(const Bf16* hidden, const Bf16* weight, const int64_t* targets, int64_t T, int64_t V, int64_t H,
-               float inv_temp, float* logp, float* entropy, float* lse, int device, cudaStream_t stream) {
+               float inv_temp, float* logp, float* entropy, float* lse, Bf16* logits, int64_t ld, int device,
+               cudaStream_t stream) {
   using Gemm = typename Config::Gemm;
   constexpr int64_t kTileN = size<1>(typename Config::TileShape{});
   const int64_t n_tiles = (V + kTileN - 1) / kTileN;
@@ -431,6 +479,8 @@ bool run_stats(const Bf16* hidden, const Bf16* weight, const int64_t* targets, i
     epi.targets = targets + start;
     epi.n_tiles = n_tiles;
     epi.inv_temp = inv_temp;
+    epi.logits = logits != nullptr ? logits + start * ld : nullptr;
+    epi.ld = ld;
     typename Gemm::Arguments args{
         cutlass::gemm::GemmUniversalMode::kGemm,
         {int(n), int(V), int(H), 1},
@@ -478,14 +528,13 @@ bool is_bf16_cuda_contiguous(const at::Tensor& t) {
 }  // namespace
 #endif
 
-bool token_stats_sm90(const at::Tensor& hidden, const at::Tensor& weight, const int64_t* targets, float inv_temp,
-                      float* logp, float* entropy, float* lse, cudaStream_t stream) {
+bool stats_gemm_applies(const at::Tensor& hidden, const at::Tensor& weight, float inv_temp) {
 #if !defined(RINGKERN_WITH_CUTLASS)
-  (void)hidden, (void)weight, (void)targets, (void)inv_temp, (void)logp, (void)entropy, (void)lse, (void)stream;
+  (void)hidden, (void)weight, (void)inv_temp;
   return false;
 #else
   if (!is_bf16_cuda_contiguous(hidden) || !is_bf16_cuda_contiguous(weight)) return false;
-  const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const int64_t H = hidden.size(1), V = weight.size(0);
   const int device = hidden.get_device();
   // TMA: 16-byte aligned bases and row strides (H % 8 == 0). The epilogue takes max z = max(acc) * inv_temp,
   // which needs inv_temp > 0.
@@ -495,18 +544,37 @@ bool token_stats_sm90(const at::Tensor& hidden, const at::Tensor& weight, const 
       reinterpret_cast<uintptr_t>(weight.data_ptr()) % 16 != 0) {
     return false;
   }
-  if (T == 0) return true;
   // The kernels are built for sm_90a only: other GPUs take the caller's fallback.
   const cudaDeviceProp* prop = at::cuda::getDeviceProperties(device);
-  if (prop->major != 9 || prop->minor != 0) return false;
+  return prop->major == 9 && prop->minor == 0;
+#endif
+}
+
+bool token_stats_sm90(const at::Tensor& hidden, const at::Tensor& weight, const int64_t* targets, float inv_temp,
+                      float* logp, float* entropy, float* lse, cudaStream_t stream, c10::BFloat16* logits,
+                      int64_t ld) {
+#if !defined(RINGKERN_WITH_CUTLASS)
+  (void)hidden, (void)weight, (void)targets, (void)inv_temp, (void)logp, (void)entropy, (void)lse, (void)stream;
+  (void)logits, (void)ld;
+  return false;
+#else
+  if (!stats_gemm_applies(hidden, weight, inv_temp)) return false;
+  if (hidden.size(0) == 0) return true;
   if (targets == nullptr || logp == nullptr || entropy == nullptr || lse == nullptr) return false;
+  if (logits != nullptr && (ld < weight.size(0) || ld % 2 != 0 || reinterpret_cast<uintptr_t>(logits) % 4 != 0)) {
+    return false;
+  }
+  const int64_t T = hidden.size(0), H = hidden.size(1), V = weight.size(0);
+  const int device = hidden.get_device();
   const c10::cuda::CUDAGuard guard(device);
   const auto* h = reinterpret_cast<const Bf16*>(hidden.data_ptr());
   const auto* w = reinterpret_cast<const Bf16*>(weight.data_ptr());
+  auto* out = reinterpret_cast<Bf16*>(logits);
   if (env_is("RINGKERN_LOGPROB_STATS_TILE", "cooperative")) {
-    return run_stats<CooperativeConfig>(h, w, targets, T, V, H, inv_temp, logp, entropy, lse, device, stream);
+    return run_stats<CooperativeConfig>(h, w, targets, T, V, H, inv_temp, logp, entropy, lse, out, ld, device,
+                                        stream);
   }
-  return run_stats<PingpongConfig>(h, w, targets, T, V, H, inv_temp, logp, entropy, lse, device, stream);
+  return run_stats<PingpongConfig>(h, w, targets, T, V, H, inv_temp, logp, entropy, lse, out, ld, device, stream);
 #endif
 }
 
