@@ -180,7 +180,8 @@ __device__ __forceinline__ void route_token(const RouteArgs& a, const float* row
 }
 
 // One warp per token (route_token); per-block histogram of the chosen experts in shared memory, flushed to
-// `counts` with one atomic per bin.
+// `counts` (zeroed by the caller) with one atomic per bin, or, when the grid is one block (decode), stored
+// into every bin of `counts` (no zero-fill needed before the launch).
 template <int kPerLane>
 __global__ void __launch_bounds__(kRouteWarps * 32, 4)
 moe_route_kernel(const float* __restrict__ logits, RouteArgs a, int32_t* __restrict__ counts, int T) {
@@ -196,7 +197,8 @@ moe_route_kernel(const float* __restrict__ logits, RouteArgs a, int32_t* __restr
   }
   __syncthreads();
   for (int e = threadIdx.x; e < a.E; e += blockDim.x) {
-    if (hist[e] != 0) atomicAdd(&counts[e], hist[e]);
+    if (gridDim.x == 1) counts[e] = hist[e];
+    else if (hist[e] != 0) atomicAdd(&counts[e], hist[e]);
   }
 }
 
@@ -458,10 +460,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& 
   const c10::cuda::CUDAGuard guard(router_logits.device());
   auto weights = at::empty({T, top_k}, router_logits.options());
   auto ids_out = at::empty({T, top_k}, router_logits.options().dtype(at::kInt));
-  auto counts = at::zeros({E}, router_logits.options().dtype(at::kInt));
-  if (T == 0) return {weights, ids_out, counts};
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
   const int64_t blocks = std::min<int64_t>((T + kRouteWarps - 1) / kRouteWarps, 8 * sms);
+  // One block stores every count itself; several add theirs into zeros.
+  auto counts = blocks == 1 ? at::empty({E}, router_logits.options().dtype(at::kInt))
+                            : at::zeros({E}, router_logits.options().dtype(at::kInt));
+  if (T == 0) return {weights, ids_out, counts};
   const size_t smem = sizeof(int) * (E + kRouteWarps * n_group);
   auto stream = at::cuda::getCurrentCUDAStream();
   const RouteArgs args = route_args(expert_bias, replay32, replay64, weights, ids_out, E, n_group, topk_group, top_k,
