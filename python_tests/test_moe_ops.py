@@ -253,19 +253,6 @@ def test_cuda_experts_forward_backward(T, H, I, experts_path):
 
 
 @requires_cuda
-@pytest.mark.parametrize("T", [1, 7, 40])
-def test_cuda_few_rows_kernels_with_eight_warps(T, monkeypatch):
-    """RINGKERN_MOE_SMALL_WARPS=8 (K split over 8 warps per block; H and I multiples of 256)."""
-    monkeypatch.setenv("RINGKERN_MOE_SMALL_SLOTS", str(1 << 30))
-    monkeypatch.setenv("RINGKERN_MOE_SMALL_WARPS", "8")
-    E, k, H, I = 16, 4, 512, 256
-    x = torch.randn(T, H, device="cuda").bfloat16()
-    weights, ids = _routing(T, E, k, "cuda")
-    gate_up, down = _experts(E, H, I, torch.bfloat16, "cuda")
-    _check_experts_cuda(x, weights, ids, gate_up, down)
-
-
-@requires_cuda
 @pytest.mark.parametrize("T", [1, 513])
 def test_cuda_experts_atomic_combine(T, monkeypatch):
     """The opt-in combine fused into the down GEMM (fp32 atomics): the same error bound as the default."""

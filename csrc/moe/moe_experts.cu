@@ -292,8 +292,8 @@ __device__ __forceinline__ void stream_mma(const bf16* const (&w)[kA], int64_t l
   for (; k0 < k_end; k0 += 32) mma_chunks<1>(w, ldw, rows, k0, acc);
 }
 
-// Adds the partial sums of warps 1.. into warp 0's (in warp order). red: (kWarps - 1) * kN * 32 floats.
-template <int kWarps, int kN>
+// Adds the partial sums of warps 1.. into warp 0's (in warp order). red: (kMmaWarps - 1) * kN * 32 floats.
+template <int kN>
 __device__ __forceinline__ void reduce_warps(float* acc, float* red) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   __syncthreads();  // warp 0 is done with the previous pass's partial sums
@@ -303,7 +303,7 @@ __device__ __forceinline__ void reduce_warps(float* acc, float* red) {
   }
   __syncthreads();
   if (warp == 0) {
-    for (int w = 0; w < kWarps - 1; ++w) {
+    for (int w = 0; w < kMmaWarps - 1; ++w) {
 #pragma unroll
       for (int i = 0; i < kN; ++i) acc[i] += red[(w * kN + i) * 32 + lane];
     }
@@ -351,7 +351,7 @@ struct SharedExpert {
 // One pass over intermediates j0.. j0+15 of one expert, given its 16 gate and 16 up weight rows (row stride
 // ldw), for its rows [r0, min(r0 + 8 kNT, end)): row r is token sorted_slot[r] / k, or token r when
 // sorted_slot is null (the shared expert). Stores act [., I] and, unless null, gate_up_out [., 2I].
-template <int kWarps, int kNT>
+template <int kNT>
 __device__ void gate_up_pass(const bf16* x, const int32_t* sorted_slot, const bf16* gate, const bf16* up,
                              int64_t ldw, bf16* gate_up_out, bf16* act, float* red, int r0, int end, int k, int H,
                              int I, int j0) {
@@ -364,9 +364,9 @@ __device__ void gate_up_pass(const bf16* x, const int32_t* sorted_slot, const bf
     rows[t] = x + static_cast<int64_t>(sorted_slot ? sorted_slot[r] / k : r) * H;
   }
   float acc[2][kNT][4] = {};
-  const int kw = H / kWarps;
+  const int kw = H / kMmaWarps;
   stream_mma<2, kNT>(w, ldw, rows, warp * kw, (warp + 1) * kw, acc);
-  reduce_warps<kWarps, 2 * kNT * 4>(&acc[0][0][0], red);
+  reduce_warps<2 * kNT * 4>(&acc[0][0][0], red);
   if (warp != 0) return;
 #pragma unroll
   for (int t = 0; t < kNT; ++t) {
@@ -389,20 +389,20 @@ __device__ void gate_up_pass(const bf16* x, const int32_t* sorted_slot, const bf
 
 // grid (max(I, Is) / 16, min(S, E) (+ 1 with a shared expert: the last block row, over all T tokens)).
 // gate_up_out[p, 2j] and [p, 2j + 1] (pre-activation), act[p, j] = silu(gate) * up.
-template <int kWarps, int kMaxNT>
-__global__ void __launch_bounds__(kWarps * 32)
+template <int kMaxNT>
+__global__ void __launch_bounds__(kMmaWarps * 32)
 small_gate_up_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ sorted_slot,
                      const int32_t* __restrict__ offsets, const int32_t* __restrict__ active,
                      const bf16* __restrict__ w_gu, bf16* __restrict__ gate_up_out, bf16* __restrict__ act, int E,
                      int k, int T, int H, int I, SharedExpert shared) {
-  __shared__ float red[(kWarps - 1) * 2 * kMaxNT * 4 * 32];
+  __shared__ float red[(kMmaWarps - 1) * 2 * kMaxNT * 4 * 32];
   const int j0 = blockIdx.x * kMmaRows;
   allow_next_grid();
   wait_for_previous_grid();  // the dispatch and x come from the previous kernels
   if (shared.gate && blockIdx.y == gridDim.y - 1) {
     if (j0 >= shared.I) return;
     for_each_pass<kMaxNT>(0, T, [&](auto n_tiles, int r0) {
-      gate_up_pass<kWarps, decltype(n_tiles)::value>(x, nullptr, shared.gate + static_cast<int64_t>(j0) * H,
+      gate_up_pass<decltype(n_tiles)::value>(x, nullptr, shared.gate + static_cast<int64_t>(j0) * H,
                                              shared.up + static_cast<int64_t>(j0) * H, H, nullptr, shared.act, red,
                                              r0, T, 1, H, shared.I, j0);
     });
@@ -412,14 +412,14 @@ small_gate_up_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ sor
   if (j0 >= I || !touched_expert(active, offsets, E, e, begin, end)) return;
   const bf16* gate = w_gu + (static_cast<int64_t>(e) * 2 * I + 2 * j0) * H;  // rows 2j: gate_j, 2j + 1: up_j
   for_each_pass<kMaxNT>(begin, end, [&](auto n_tiles, int r0) {
-    gate_up_pass<kWarps, decltype(n_tiles)::value>(x, sorted_slot, gate, gate + H, 2 * static_cast<int64_t>(H),
+    gate_up_pass<decltype(n_tiles)::value>(x, sorted_slot, gate, gate + H, 2 * static_cast<int64_t>(H),
                                            gate_up_out, act, red, r0, end, k, H, I, j0);
   });
 }
 
 // One pass over the down rows h0.. h0+15 (w: the first of them, row stride I) for activation rows
 // [r0, min(r0 + 8 kNT, end)) of act [., I]; writes y [., H].
-template <int kWarps, int kNT>
+template <int kNT>
 __device__ void down_pass(const bf16* act, const bf16* w_rows, bf16* y, float* red, int r0, int end, int H, int I,
                           int h0) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
@@ -428,9 +428,9 @@ __device__ void down_pass(const bf16* act, const bf16* w_rows, bf16* y, float* r
 #pragma unroll
   for (int t = 0; t < kNT; ++t) rows[t] = act + static_cast<int64_t>(min(r0 + 8 * t + g, end - 1)) * I;
   float acc[1][kNT][4] = {};
-  const int kw = I / kWarps;
+  const int kw = I / kMmaWarps;
   stream_mma<1, kNT>(w, I, rows, warp * kw, (warp + 1) * kw, acc);
-  reduce_warps<kWarps, kNT * 4>(&acc[0][0][0], red);
+  reduce_warps<kNT * 4>(&acc[0][0][0], red);
   if (warp != 0) return;
 #pragma unroll
   for (int t = 0; t < kNT; ++t) {
@@ -444,18 +444,18 @@ __device__ void down_pass(const bf16* act, const bf16* w_rows, bf16* y, float* r
 
 // grid (H / 16, min(S, E) (+ 1: the shared expert, as above)). y_sorted[p, h] = act[p, :] . w_down[e, h, :];
 // the shared expert's block row writes shared.y.
-template <int kWarps, int kMaxNT>
-__global__ void __launch_bounds__(kWarps * 32)
+template <int kMaxNT>
+__global__ void __launch_bounds__(kMmaWarps * 32)
 small_down_kernel(const bf16* __restrict__ act, const int32_t* __restrict__ offsets,
                   const int32_t* __restrict__ active, const bf16* __restrict__ w_down, bf16* __restrict__ y_sorted,
                   int E, int T, int H, int I, SharedExpert shared) {
-  __shared__ float red[(kWarps - 1) * kMaxNT * 4 * 32];
+  __shared__ float red[(kMmaWarps - 1) * kMaxNT * 4 * 32];
   const int h0 = blockIdx.x * kMmaRows;
   allow_next_grid();
   wait_for_previous_grid();
   if (shared.down && blockIdx.y == gridDim.y - 1) {
     for_each_pass<kMaxNT>(0, T, [&](auto n_tiles, int r0) {
-      down_pass<kWarps, decltype(n_tiles)::value>(shared.act, shared.down + static_cast<int64_t>(h0) * shared.I, shared.y,
+      down_pass<decltype(n_tiles)::value>(shared.act, shared.down + static_cast<int64_t>(h0) * shared.I, shared.y,
                                           red, r0, T, H, shared.I, h0);
     });
     return;
@@ -464,7 +464,7 @@ small_down_kernel(const bf16* __restrict__ act, const int32_t* __restrict__ offs
   if (!touched_expert(active, offsets, E, e, begin, end)) return;
   const bf16* w_rows = w_down + (static_cast<int64_t>(e) * H + h0) * I;
   for_each_pass<kMaxNT>(begin, end, [&](auto n_tiles, int r0) {
-    down_pass<kWarps, decltype(n_tiles)::value>(act, w_rows, y_sorted, red, r0, end, H, I, h0);
+    down_pass<decltype(n_tiles)::value>(act, w_rows, y_sorted, red, r0, end, H, I, h0);
   });
 }
 
@@ -482,24 +482,16 @@ bool use_small_kernels(int64_t S, int64_t H, int64_t I) {
   return S <= max_slots && H % k_align == 0 && I % k_align == 0;
 }
 
-// Warps per block of the few-rows kernels (each takes 1 / warps of K): RINGKERN_MOE_SMALL_WARPS=8 where H, I
-// and the shared expert's Is are multiples of 256, else kMmaWarps (4).
-int small_kernel_warps(int64_t H, int64_t I, int64_t Is) {
-  const char* env = std::getenv("RINGKERN_MOE_SMALL_WARPS");
-  const bool eight = env != nullptr && std::atoi(env) == 8;
-  return eight && H % 256 == 0 && I % 256 == 0 && Is % 256 == 0 ? 8 : kMmaWarps;
-}
-
 // Launches the few-rows kernels: act [S, I] and y_sorted [S, H] from x (and the shared expert's act and y
 // when given); rows per expert <= T, so T picks how many n-tiles a pass may take.
 void run_small_kernels(const at::Tensor& x, const Dispatch& d, const at::Tensor& gate_up_proj,
                        const at::Tensor& down_proj, int64_t k, bf16* gate_up_out, at::Tensor& act,
                        at::Tensor& y_sorted, const SharedExpert& shared, cudaStream_t stream) {
   const int64_t T = x.size(0), H = x.size(1), E = gate_up_proj.size(0), I = gate_up_proj.size(1) / 2;
+  const dim3 block(kMmaWarps * 32);
   const unsigned rows = static_cast<unsigned>(std::min(T * k, E) + (shared.gate ? 1 : 0));
   const unsigned gate_up_tiles = static_cast<unsigned>(std::max<int64_t>(I, shared.I) / kMmaRows);
-  auto launch = [&](auto gate_up_kernel, auto down_kernel, int warps) {
-    const dim3 block(32 * warps);
+  auto launch = [&](auto gate_up_kernel, auto down_kernel) {
     launch_dependent(gate_up_kernel, dim3(gate_up_tiles, rows), block, 0, stream,
                      reinterpret_cast<const bf16*>(x.data_ptr()), d.sorted_slot.data_ptr<int32_t>(),
                      d.offsets.data_ptr<int32_t>(), d.active.data_ptr<int32_t>(),
@@ -512,14 +504,9 @@ void run_small_kernels(const at::Tensor& x, const Dispatch& d, const at::Tensor&
                      reinterpret_cast<bf16*>(y_sorted.data_ptr()), static_cast<int>(E), static_cast<int>(T),
                      static_cast<int>(H), static_cast<int>(I), shared);
   };
-  auto with_warps = [&](auto warps) {
-    constexpr int kW = decltype(warps)::value;
-    if (T <= 8) launch(small_gate_up_kernel<kW, 1>, small_down_kernel<kW, 1>, kW);
-    else if (T <= 16) launch(small_gate_up_kernel<kW, 2>, small_down_kernel<kW, 2>, kW);
-    else launch(small_gate_up_kernel<kW, 4>, small_down_kernel<kW, 4>, kW);
-  };
-  if (small_kernel_warps(H, I, shared.I) == 8) with_warps(std::integral_constant<int, 8>{});
-  else with_warps(std::integral_constant<int, kMmaWarps>{});
+  if (T <= 8) launch(small_gate_up_kernel<1>, small_down_kernel<1>);
+  else if (T <= 16) launch(small_gate_up_kernel<2>, small_down_kernel<2>);
+  else launch(small_gate_up_kernel<4>, small_down_kernel<4>);
 }
 
 void check_experts_inputs(const at::Tensor& x, const at::Tensor& weights, const at::Tensor& gate_up_proj,
