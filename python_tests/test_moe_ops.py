@@ -142,9 +142,14 @@ def test_experts_without_rows_give_zero_weight_grads():
 
 @requires_cuda
 @pytest.mark.parametrize("E", [16, 256])
-@pytest.mark.parametrize("T", [1, 7, 513, 4096])
+@pytest.mark.parametrize("T", [1, 7, 64, 513, 4096])
 @pytest.mark.parametrize("ties", [False, True])
-def test_cuda_route_matches_reference(E, T, ties):
+@pytest.mark.parametrize("kernel", ["default", "warp_per_token"])
+def test_cuda_route_matches_reference(E, T, ties, kernel, monkeypatch):
+    """Up to 64 tokens take the block-per-token kernel by default; RINGKERN_MOE_ROUTE_BLOCK_TOKENS=0 forces the
+    warp-per-token one (the kernel of larger T)."""
+    if kernel == "warp_per_token":
+        monkeypatch.setenv("RINGKERN_MOE_ROUTE_BLOCK_TOKENS", "0")
     cfg = _route_config(E)
     logits = _logits(T, E, "cuda", ties)
     bias = (torch.randint(-2, 3, (E,), device="cuda") / 8.0) if ties else torch.randn(E, device="cuda") * 0.1

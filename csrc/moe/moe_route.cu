@@ -12,6 +12,7 @@
 #include <torch/library.h>
 
 #include <climits>
+#include <cstdlib>
 
 #include "../common/blas.h"
 #include "../common/check.h"
@@ -200,6 +201,87 @@ moe_route_kernel(const float* __restrict__ logits, RouteArgs a, int32_t* __restr
     if (gridDim.x == 1) counts[e] = hist[e];
     else if (hist[e] != 0) atomicAdd(&counts[e], hist[e]);
   }
+}
+
+// Decode-sized routing (a few tokens, no replay): one block per token, thread e holds expert e, and every
+// selection is a rank (how many keys beat this one, with the index tie-break of `beats`, so ranks are unique)
+// computed by short loops over shared memory. The same picks, order and weights as route_token: a group's
+// top two keys are its ranks 0 and 1; the kept experts' ranks among the candidates (those of kept groups
+// ranked below top_k in their group) are their slots; the weights sum the slots in slot order. One warp per
+// token instead (moe_route_kernel) is a dependency chain of ~2,700 unrolled instructions that the lone warp
+// of a T = 1 call fetches cold: 8-9 us per call measured on an H200. Needs E <= 1024 threads and enough
+// experts in the kept groups (topk_group * E / n_group >= top_k; the caller checks). With one block
+// (T = 1) every count is stored; with more they are added into zeros.
+__global__ void __launch_bounds__(1024) moe_route_block_kernel(const float* __restrict__ logits, RouteArgs a,
+                                                               int32_t* __restrict__ counts) {
+  extern __shared__ uint32_t keys[];  // [E] order keys of the biased scores
+  const int t = blockIdx.x, e = threadIdx.x, E = a.E, n_group = a.n_group, gs = E / n_group, k = a.top_k;
+  float* top2 = reinterpret_cast<float*>(keys + E);  // [n_group][2]: the group's two largest biased scores
+  float* gscore = top2 + 2 * n_group;                // [n_group]
+  int* kept = reinterpret_cast<int*>(gscore + n_group);  // [n_group]
+  float* chosen_score = reinterpret_cast<float*>(kept + n_group);  // [k], by slot
+  int* n_cand = reinterpret_cast<int*>(chosen_score + k);
+  int* cand = n_cand + 1;  // experts of kept groups ranked below k in their group
+  const bool valid = e < E;
+  const int g = valid ? e / gs : 0;
+  float score = 0.f;
+  uint32_t key = kTakenKey;
+  if (valid) {
+    score = sigmoidf(__ldcg(logits + static_cast<int64_t>(t) * E + e));
+    key = order_key(score + a.bias[e]);
+    keys[e] = key;
+  }
+  if (e == 0) *n_cand = 0;
+  __syncthreads();
+  auto beats_key = [&](int j) { return keys[j] > key || (keys[j] == key && j < e); };
+  int group_rank = 0;
+  if (valid) {
+#pragma unroll 1
+    for (int j = g * gs; j < (g + 1) * gs; ++j) group_rank += beats_key(j);
+    if (group_rank < 2) top2[2 * g + group_rank] = key_value(key);
+  }
+  __syncthreads();
+  if (e < n_group) gscore[e] = top2[2 * e] + top2[2 * e + 1];
+  __syncthreads();
+  if (e < n_group) {
+    int rank = 0;
+#pragma unroll 1
+    for (int h = 0; h < n_group; ++h) rank += beats(gscore[h], h, gscore[e], e);
+    kept[e] = rank < a.topk_group;
+  }
+  __syncthreads();
+  const bool candidate = valid && kept[g] && group_rank < k;
+  if (candidate) cand[atomicAdd(n_cand, 1)] = e;
+  __syncthreads();
+  int slot = k;  // past the last slot: not chosen
+  if (candidate) {
+    slot = 0;
+    const int n = *n_cand;
+#pragma unroll 1
+    for (int i = 0; i < n; ++i) slot += beats_key(cand[i]);
+    if (slot < k) {
+      chosen_score[slot] = score;
+      a.ids_out[static_cast<int64_t>(t) * k + slot] = e;
+    }
+  }
+  if (gridDim.x == 1 && valid) counts[e] = slot < k ? 1 : 0;
+  else if (slot < k) atomicAdd(&counts[e], 1);
+  __syncthreads();
+  if (e < k) {
+    float denom = 0.f;
+#pragma unroll 1
+    for (int j = 0; j < k; ++j) denom += chosen_score[j];
+    const float w = a.renormalize ? chosen_score[e] / (denom + 1e-20f) : chosen_score[e];
+    a.weights[static_cast<int64_t>(t) * k + e] = w * a.scale;
+  }
+}
+
+// Whether moe_route_block_kernel takes a call: no replay, T <= 64 (RINGKERN_MOE_ROUTE_BLOCK_TOKENS, 0 turns
+// it off) and configurations it covers.
+bool use_block_route(int64_t T, int64_t E, int64_t n_group, int64_t topk_group, int64_t top_k, bool replay) {
+  const char* env = std::getenv("RINGKERN_MOE_ROUTE_BLOCK_TOKENS");
+  const int64_t max_tokens = env ? std::atoll(env) : 64;
+  return !replay && T >= 1 && T <= max_tokens && E <= 1024 && topk_group * (E / n_group) >= top_k;
 }
 
 // One thread per token: d w_j / d s_i = scale * (delta_ij / (S + eps) - s_j / (S + eps)^2) when
@@ -460,16 +542,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> moe_route_cuda(const at::Tensor& 
   const c10::cuda::CUDAGuard guard(router_logits.device());
   auto weights = at::empty({T, top_k}, router_logits.options());
   auto ids_out = at::empty({T, top_k}, router_logits.options().dtype(at::kInt));
+  const RouteArgs args = route_args(expert_bias, replay32, replay64, weights, ids_out, E, n_group, topk_group, top_k,
+                                    routed_scaling_factor, renormalize);
+  auto stream = at::cuda::getCurrentCUDAStream();
+  const bool block_route = use_block_route(T, E, n_group, topk_group, top_k, expert_ids.has_value());
   const int sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
-  const int64_t blocks = std::min<int64_t>((T + kRouteWarps - 1) / kRouteWarps, 8 * sms);
+  const int64_t blocks =
+      block_route ? T : std::min<int64_t>((T + kRouteWarps - 1) / kRouteWarps, 8 * sms);
   // One block stores every count itself; several add theirs into zeros.
   auto counts = blocks == 1 ? at::empty({E}, router_logits.options().dtype(at::kInt))
                             : at::zeros({E}, router_logits.options().dtype(at::kInt));
   if (T == 0) return {weights, ids_out, counts};
+  if (block_route) {
+    const size_t smem = sizeof(int) * (E + 4 * n_group + top_k + 1 + topk_group * std::min(E / n_group, top_k));
+    const int threads = static_cast<int>((E + 31) / 32 * 32);
+    moe_route_block_kernel<<<static_cast<unsigned>(T), threads, smem, stream>>>(router_logits.data_ptr<float>(), args,
+                                                                                counts.data_ptr<int32_t>());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return {weights, ids_out, counts};
+  }
   const size_t smem = sizeof(int) * (E + kRouteWarps * n_group);
-  auto stream = at::cuda::getCurrentCUDAStream();
-  const RouteArgs args = route_args(expert_bias, replay32, replay64, weights, ids_out, E, n_group, topk_group, top_k,
-                                    routed_scaling_factor, renormalize);
   with_lanes(E, [&](auto per_lane) {
     moe_route_kernel<per_lane.value><<<blocks, kRouteWarps * 32, smem, stream>>>(
         router_logits.data_ptr<float>(), args, counts.data_ptr<int32_t>(), static_cast<int>(T));
