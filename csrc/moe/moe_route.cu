@@ -236,7 +236,7 @@ __global__ void __launch_bounds__(1024) moe_route_block_kernel(const float* __re
   auto beats_key = [&](int j) { return keys[j] > key || (keys[j] == key && j < e); };
   int group_rank = 0;
   if (valid) {
-#pragma unroll 1
+#pragma unroll 8
     for (int j = g * gs; j < (g + 1) * gs; ++j) group_rank += beats_key(j);
     if (group_rank < 2) top2[2 * g + group_rank] = key_value(key);
   }
@@ -245,7 +245,7 @@ __global__ void __launch_bounds__(1024) moe_route_block_kernel(const float* __re
   __syncthreads();
   if (e < n_group) {
     int rank = 0;
-#pragma unroll 1
+#pragma unroll 8
     for (int h = 0; h < n_group; ++h) rank += beats(gscore[h], h, gscore[e], e);
     kept[e] = rank < a.topk_group;
   }
@@ -257,7 +257,7 @@ __global__ void __launch_bounds__(1024) moe_route_block_kernel(const float* __re
   if (candidate) {
     slot = 0;
     const int n = *n_cand;
-#pragma unroll 1
+#pragma unroll 8
     for (int i = 0; i < n; ++i) slot += beats_key(cand[i]);
     if (slot < k) {
       chosen_score[slot] = score;
@@ -269,7 +269,6 @@ __global__ void __launch_bounds__(1024) moe_route_block_kernel(const float* __re
   __syncthreads();
   if (e < k) {
     float denom = 0.f;
-#pragma unroll 1
     for (int j = 0; j < k; ++j) denom += chosen_score[j];
     const float w = a.renormalize ? chosen_score[e] / (denom + 1e-20f) : chosen_score[e];
     a.weights[static_cast<int64_t>(t) * k + e] = w * a.scale;
