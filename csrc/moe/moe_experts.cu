@@ -310,6 +310,18 @@ __device__ __forceinline__ void reduce_warps(float* acc, float* red) {
   }
 }
 
+// The block's product W_a x rows^T over K into warp 0's acc: each warp streams its 1/kMmaWarps of K
+// (stream_mma), then warp 0 adds the others' partial sums (reduce_warps). Returns whether this thread is in
+// warp 0, the one that holds the result.
+template <int kA, int kNT>
+__device__ __forceinline__ bool block_mma(const bf16* const (&w)[kA], int64_t ldw, const bf16* const (&rows)[kNT],
+                                          int K, float (&acc)[kA][kNT][4], float* red) {
+  const int warp = threadIdx.x / 32, kw = K / kMmaWarps;
+  stream_mma<kA, kNT>(w, ldw, rows, warp * kw, (warp + 1) * kw, acc);
+  reduce_warps<kA * kNT * 4>(&acc[0][0][0], red);
+  return warp == 0;
+}
+
 // The expert of block y and its rows [begin, end) in sorted order; false when fewer experts are touched.
 __device__ __forceinline__ bool touched_expert(const int32_t* active, const int32_t* offsets, int E, int& e,
                                                int& begin, int& end) {
@@ -355,7 +367,7 @@ template <int kNT>
 __device__ void gate_up_pass(const bf16* x, const int32_t* sorted_slot, const bf16* gate, const bf16* up,
                              int64_t ldw, bf16* gate_up_out, bf16* act, float* red, int r0, int end, int k, int H,
                              int I, int j0) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
+  const int lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
   const bf16* w[2] = {gate, up};
   const bf16* rows[kNT];
 #pragma unroll
@@ -364,10 +376,7 @@ __device__ void gate_up_pass(const bf16* x, const int32_t* sorted_slot, const bf
     rows[t] = x + static_cast<int64_t>(sorted_slot ? sorted_slot[r] / k : r) * H;
   }
   float acc[2][kNT][4] = {};
-  const int kw = H / kMmaWarps;
-  stream_mma<2, kNT>(w, ldw, rows, warp * kw, (warp + 1) * kw, acc);
-  reduce_warps<2 * kNT * 4>(&acc[0][0][0], red);
-  if (warp != 0) return;
+  if (!block_mma<2, kNT>(w, ldw, rows, H, acc, red)) return;
 #pragma unroll
   for (int t = 0; t < kNT; ++t) {
 #pragma unroll
@@ -422,16 +431,13 @@ small_gate_up_kernel(const bf16* __restrict__ x, const int32_t* __restrict__ sor
 template <int kNT>
 __device__ void down_pass(const bf16* act, const bf16* w_rows, bf16* y, float* red, int r0, int end, int H, int I,
                           int h0) {
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
+  const int lane = threadIdx.x % 32, g = lane >> 2, c = lane & 3;
   const bf16* w[1] = {w_rows};
   const bf16* rows[kNT];
 #pragma unroll
   for (int t = 0; t < kNT; ++t) rows[t] = act + static_cast<int64_t>(min(r0 + 8 * t + g, end - 1)) * I;
   float acc[1][kNT][4] = {};
-  const int kw = I / kMmaWarps;
-  stream_mma<1, kNT>(w, I, rows, warp * kw, (warp + 1) * kw, acc);
-  reduce_warps<kNT * 4>(&acc[0][0][0], red);
-  if (warp != 0) return;
+  if (!block_mma<1, kNT>(w, I, rows, I, acc, red)) return;
 #pragma unroll
   for (int t = 0; t < kNT; ++t) {
 #pragma unroll
